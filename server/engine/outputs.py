@@ -1,0 +1,41 @@
+"""What the engine hands back: cumulative state of each request, one object per update."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # alternative token id -> logprob
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # choice index within the request (n > 1)
+    text: str  # detokenised generated text so far, stop string excluded
+    token_ids: list[int]
+    exit_layers: list[int]  # per generated token: the layer it left at (num_hidden_layers = full depth)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_tokens_exited_early: int = 0  # over all choices
+    decode_flops: float = 0.0  # FLOPs spent producing the generated tokens (heads and KV fill included)
+    decode_flops_full_depth: float = 0.0  # the same tokens at full depth
+
+    @property
+    def compute_saved(self) -> float:
+        if self.decode_flops_full_depth <= 0:
+            return 0.0
+        return 1.0 - self.decode_flops / self.decode_flops_full_depth
