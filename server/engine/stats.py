@@ -20,6 +20,7 @@ class StepStats:
     decode_flops_full_depth: float = 0.0
     time_to_first_tokens: list[float] = field(default_factory=list)  # seconds, for requests whose first token came now
     inter_token_latencies: list[float] = field(default_factory=list)
+    forward_seconds: float = 0.0  # of step_seconds, the time inside the model, the exit kernel and the sampler
 
 
 @dataclass

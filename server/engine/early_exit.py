@@ -1,0 +1,143 @@
+"""One forward step with per-token early exit.
+
+Rows of the step are tokens: [0, D) decode rows (one per decoding sequence), [D, N) prefill rows
+(prompt chunks, or the tokens of a preempted sequence being recomputed). The layers run in
+segments that end at the exit layers of the head set.
+
+Invariants, at every point of `forward`:
+  live        original row ids of the rows still running, ascending (so decode rows come first);
+              `hidden` [n_live, d], `positions` [n_live] and `store` hold exactly these rows.
+  num_decode  how many of the live rows are decode rows (live[:num_decode] < D).
+  left_*      rows that have left: the hidden state they left with, their positions and pool slots.
+              Before each layer runs, its K/V for all of them is computed from that hidden state
+              (input norm, k/v projections, RoPE) and written to the pool, one batched call per
+              layer: deeper layers of later steps attend to these tokens as if they had run.
+
+At exit layer k: decode rows with a finite threshold at k ask the exit kernel (rows with
+early_exit off carry +inf everywhere and are never asked); rows whose decision says exit leave
+with the kernel's token. Prefill rows whose recorded depth is k leave too: a recomputed token goes
+exactly as deep as it went the first time, so recomputation reproduces the cache. After the last
+layer the live decode rows, and the prefill rows that yield a first token, take the final norm
+and LM head; their logits go to the sampler.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.exit_head import exit_head
+from server.engine.kv_cache import PagedKVStore
+from server.engine.sampler import SamplingTensors
+from server.model.exit_heads import ExitHeadSet
+from server.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class ExitPlan:
+    thresholds: torch.Tensor  # [D, E] f32 per decode row and head (in layer order); inf = never exit there
+    controls: SamplingTensors  # per decode row, for the kernel's sampling at an exit
+    prefill_depths: torch.Tensor  # [P] int64: how deep each prefill row runs (L for prompt tokens)
+    needs_logits: torch.Tensor  # [N] bool: rows whose final logits are wanted if they reach the end
+
+
+@dataclass
+class ExitResult:
+    exit_layers: torch.Tensor  # [D] int64: layer each decode row left at (L = full depth)
+    heads_evaluated: torch.Tensor  # [D] int64: exit-head evaluations per decode row
+    head_token: torch.Tensor  # [D] int64: the token chosen at the exit head (-1 for rows that reached the end)
+    head_logprob: torch.Tensor  # [D] f32
+    final_rows: torch.Tensor  # [R] int64: original rows whose logits follow
+    final_logits: torch.Tensor  # [R, V]
+    head_top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # row -> top logprobs
+    margins: list[tuple[int, float]] = field(default_factory=list)  # (layer, margin) per head evaluation
+
+
+@dataclass
+class LeftRows:
+    hidden: torch.Tensor  # [F, d] hidden state each row left with
+    positions: torch.Tensor  # [F]
+    slots: torch.Tensor  # [F] pool slots of their tokens
+
+    def add(self, hidden, positions, slots) -> "LeftRows":
+        return LeftRows(torch.cat([self.hidden, hidden]), torch.cat([self.positions, positions]),
+                        torch.cat([self.slots, slots]))
+
+
+def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVStore, input_ids: torch.Tensor,
+            positions: torch.Tensor, plan: ExitPlan, policy=None) -> ExitResult:
+    num_layers, num_rows, d = model.num_layers, input_ids.shape[0], plan.thresholds.shape[0]
+    device = input_ids.device
+    hidden = model.embed(input_ids)  # [N, d]
+    live, num_decode = torch.arange(num_rows), d  # on the CPU: they drive Python decisions
+    left = LeftRows(hidden[:0], positions[:0], store.meta.slots[:0])
+    result = ExitResult(exit_layers=torch.full((d,), num_layers), heads_evaluated=torch.zeros(d, dtype=torch.long),
+                        head_token=torch.full((d,), -1), head_logprob=torch.zeros(d), final_rows=live[:0],
+                        final_logits=hidden.new_zeros(0, model.config.vocab_size))
+    done = 0
+    for head_index, layer in enumerate([*(heads.layers if heads is not None else []), num_layers]):
+        hidden = _run_segment(model, hidden, positions, store, done, layer, left)
+        done = layer
+        if layer == num_layers or not len(live):
+            continue
+        leave = torch.zeros(len(live), dtype=torch.bool)
+        decode_rows = live[:num_decode]
+        asked = decode_rows[torch.isfinite(plan.thresholds[decode_rows, head_index])]
+        if len(asked):
+            leave[:num_decode] = _ask_head(model, heads.head(layer), hidden[:num_decode], decode_rows, asked,
+                                           head_index, plan, result, policy)
+        leave[num_decode:] = plan.prefill_depths[live[num_decode:] - d] == layer
+        if leave.any():
+            gone, keep = leave.to(device), (~leave).to(device)
+            left = left.add(hidden[gone], positions[gone], store.meta.slots[gone])
+            hidden, positions, store = hidden[keep], positions[keep], store.select(keep)
+            live, num_decode = live[~leave], int((~leave[:num_decode]).sum())
+    wanted = plan.needs_logits[live]
+    result.final_rows = live[wanted]
+    if len(result.final_rows):
+        result.final_logits = model.final_logits(hidden[wanted.to(device)])
+    return result
+
+
+def _run_segment(model, hidden, positions, store, start: int, end: int, left: LeftRows) -> torch.Tensor:
+    """Layers [start, end) for the live rows; before each one, its K/V for the rows that left."""
+    if not len(left.slots):
+        return model.run_layers(hidden, positions, start, end, store) if len(hidden) else hidden
+    for layer in range(start, end):
+        store.pool.write(layer, left.slots, *model.layer_kv(layer, left.hidden, left.positions))
+        if len(hidden):
+            hidden = model.run_layers(hidden, positions, layer, layer + 1, store)
+    return hidden
+
+
+def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy) -> torch.Tensor:
+    """Exit decision at one head for the live decode rows `rows` (original ids; hidden [len(rows), d]),
+    evaluated on the `asked` subset. Records tokens and statistics; returns the leave mask [len(rows)]."""
+    position = torch.searchsorted(rows, asked)  # where each asked row sits among the live decode rows
+    controls = plan.controls.rows(asked)
+    sampled = not controls.all_greedy
+    logprob_rows = controls.num_logprobs > 0
+    decision = exit_head(
+        hidden[position.to(hidden.device)], head.norm_weight, model.lm_head.weight,
+        plan.thresholds[asked, head_index].to(hidden.device), eps=head.eps,
+        temperature=controls.temperature if sampled else None, seed=controls.seeds if sampled else None,
+        adapter=head.adapted if head.adapter is not None else None,
+        top_k=controls.top_k if bool((controls.top_k > 0).any()) else None,
+        top_p=controls.top_p if bool((controls.top_p < 1).any()) else None,
+        num_logprobs=controls.num_logprobs if bool(logprob_rows.any()) else None)
+    exits = decision.exit.cpu() if policy is None else policy(decision, plan.thresholds[asked, head_index])
+    token = decision.token.cpu()
+    for i, banned in enumerate(controls.suppressed):  # EOS before min_tokens: such a row does not exit here
+        if banned and exits[i] and int(token[i]) in banned:
+            exits[i] = False
+    result.heads_evaluated[asked] += 1
+    result.margins.extend(zip([head.layer] * len(asked), decision.margin.tolist()))
+    gone = asked[exits]
+    result.exit_layers[gone] = head.layer
+    result.head_token[gone] = token[exits]
+    result.head_logprob[gone] = decision.logprob.cpu()[exits]
+    if decision.top_tokens is not None:
+        for i in exits.nonzero()[:, 0].tolist():
+            n = int(controls.num_logprobs[i])
+            result.head_top[int(asked[i])] = (decision.top_tokens[i, :n].tolist(), decision.top_logprobs[i, :n].tolist())
+    leave = torch.zeros(len(rows), dtype=torch.bool)
+    leave[position[exits]] = True
+    return leave

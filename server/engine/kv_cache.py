@@ -1,0 +1,124 @@
+"""The paged KV pool and the per-step view of it that the model attends through.
+
+Rows of a step are tokens: rows [0, D) are decode rows (one token per decoding sequence), rows
+[D, N) are prefill chunks, sequence after sequence. `PagedKVStore` implements the model's KVStore
+protocol for those rows; `select(keep)` narrows it to the rows still running after an exit.
+Attention of a row depends only on its own sequence's keys (per-row masks over a padded context),
+so a row's result does not depend on which other rows share the step.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.model.config import ModelConfig
+
+
+class KVPool:
+    """Preallocated K and V, each [L, num_blocks, block_size, Hkv, Dh]."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device, dtype):
+        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [n, Hkv, Dh] into slots [n]."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.v.dtype))
+
+    def gather(self, layer: int, block_tables: torch.Tensor):
+        """block_tables [B, nb] -> keys, values [B, Hkv, nb * block_size, Dh]."""
+        k = self.k[layer][block_tables].flatten(1, 2).transpose(1, 2)
+        v = self.v[layer][block_tables].flatten(1, 2).transpose(1, 2)
+        return k, v
+
+
+@dataclass
+class StepMetadata:
+    slots: torch.Tensor  # [N] pool slot of each row's token
+    decode_tables: torch.Tensor  # [D, nb] blocks of each decode row's sequence (padding: block 0)
+    decode_mask: torch.Tensor  # [D, 1, 1, nb * block_size] True where the slot holds the row's context
+    prefill_tables: torch.Tensor  # [S, nbp] blocks of each prefilling sequence
+    prefill_mask: torch.Tensor  # [S, 1, Tmax, nbp * block_size] causal mask of the padded chunk grid
+    prefill_index: torch.Tensor  # [P] where each prefill row sits in the flat [S * Tmax] chunk grid
+
+    @property
+    def num_decode(self) -> int:
+        return self.decode_tables.shape[0]
+
+    @classmethod
+    def build(cls, slots: list[int], decode_tables: list[list[int]], decode_context_lens: list[int],
+              prefill_tables: list[list[int]], prefill_chunks: list[tuple[int, int]], block_size: int,
+              device) -> "StepMetadata":
+        """Tables are block lists; decode rows attend to their first context_len slots; prefill chunk
+        (start, end) rows attend causally to positions [0, position]."""
+        tables = _padded_table(decode_tables)
+        lens = torch.tensor(decode_context_lens, dtype=torch.long)
+        decode_mask = (torch.arange(tables.shape[1] * block_size)[None, :] < lens[:, None])[:, None, None, :]
+        ptables = _padded_table(prefill_tables)
+        starts = torch.tensor([s for s, _ in prefill_chunks], dtype=torch.long)
+        lengths = torch.tensor([e - s for s, e in prefill_chunks], dtype=torch.long)
+        t_max = int(lengths.max()) if prefill_chunks else 0
+        positions = starts[:, None] + torch.arange(t_max)[None, :]  # [S, Tmax]
+        prefill_mask = torch.arange(ptables.shape[1] * block_size)[None, None, :] <= positions[:, :, None]
+        grid = torch.arange(len(prefill_chunks) * t_max).view(len(prefill_chunks), t_max)
+        prefill_index = grid[torch.arange(t_max)[None, :] < lengths[:, None]]
+        to = lambda t: t.to(device, non_blocking=True)
+        return cls(to(torch.tensor(slots, dtype=torch.long)), to(tables), to(decode_mask), to(ptables),
+                   to(prefill_mask[:, None]), to(prefill_index))
+
+
+def _padded_table(tables: list[list[int]]) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=0)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
+
+
+class PagedKVStore:
+    """KVStore over the pool for the rows of one step (or the live subset of them)."""
+
+    def __init__(self, pool: KVPool, meta: StepMetadata):
+        self.pool = pool
+        self.meta = meta
+
+    def select(self, keep: torch.Tensor) -> "PagedKVStore":
+        """keep [N] bool over the current rows -> a store for the rows kept (order preserved)."""
+        m, d = self.meta, self.meta.num_decode
+        keep_decode, keep_prefill = keep[:d], keep[d:]
+        narrowed = StepMetadata(m.slots[keep], m.decode_tables[keep_decode], m.decode_mask[keep_decode],
+                                m.prefill_tables, m.prefill_mask, m.prefill_index[keep_prefill])
+        return PagedKVStore(self.pool, narrowed)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.pool.write(layer, self.meta.slots, k, v)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, Dh], k/v [N, Hkv, Dh] -> [N, Hq, Dh]."""
+        self.write(layer, k, v)
+        m, d = self.meta, self.meta.num_decode
+        outputs = []
+        if d:
+            keys, values = self.pool.gather(layer, m.decode_tables)  # [D, Hkv, C, Dh]
+            out = F.scaled_dot_product_attention(q[:d].unsqueeze(2), keys, values, attn_mask=m.decode_mask,
+                                                 enable_gqa=True)  # [D, Hq, 1, Dh]
+            outputs.append(out.squeeze(2))
+        if q.shape[0] > d:
+            outputs.append(self._prefill_attention(layer, q[d:]))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _prefill_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [P, Hq, Dh] of the prefill rows, scattered into the padded [S, Tmax] grid and back."""
+        m = self.meta
+        num_seqs, t_max = m.prefill_mask.shape[0], m.prefill_mask.shape[2]
+        grid = q.new_zeros(num_seqs * t_max, *q.shape[1:])
+        grid[m.prefill_index] = q
+        grid = grid.view(num_seqs, t_max, *q.shape[1:]).transpose(1, 2)  # [S, Hq, Tmax, Dh]
+        keys, values = self.pool.gather(layer, m.prefill_tables)  # [S, Hkv, Cp, Dh]
+        out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=m.prefill_mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(num_seqs * t_max, *q.shape[1:])[m.prefill_index]

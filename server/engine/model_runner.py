@@ -1,0 +1,140 @@
+"""Turns a scheduled batch into tensors, runs the early-exit forward, samples, and prices each token.
+
+Prefill rows run at full depth (every layer's K/V is context for what follows); decode rows run
+with early exit. The first token of a sequence comes from its prompt's last row at full depth.
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine import early_exit
+from server.engine.block_manager import BlockManager
+from server.engine.kv_cache import KVPool, PagedKVStore, StepMetadata
+from server.engine.outputs import TokenLogprob
+from server.engine.sampler import SamplingTensors, sample
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
+from server.model.costs import CostModel
+from server.model.exit_heads import ExitHeadSet
+from server.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class StepOutput:
+    """Tokens produced in one step, one entry per sequence that got a token, in row order."""
+    seqs: list[Sequence] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)  # decode tokens: what it cost; first tokens: 0
+    flops_full_depth: list[float] = field(default_factory=list)  # the same token at full depth, no heads
+    margins: list[tuple[int, float]] = field(default_factory=list)
+    deepest_layer: int = 0
+    forward_seconds: float = 0.0  # inside the model, the exit kernel and the sampler
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, heads: ExitHeadSet | None, pool: KVPool,
+                 block_manager: BlockManager, eos_token_ids: list[int], policy=None):
+        self.model = model
+        self.heads = heads
+        self.pool = pool
+        self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.policy = policy
+        self.device = model.lm_head.weight.device
+        self.num_layers = model.num_layers
+        self.num_heads = len(heads.layers) if heads is not None else 0
+        meta = heads.meta if heads is not None else {}
+        self.costs = CostModel.from_config(model.config, head_kind=meta.get("head_kind", "norm"),
+                                           adapter_rank=meta.get("adapter_rank", 0))
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepOutput:
+        decode, prefill = batch.decode_seqs, batch.prefill_seqs
+        # sequences that may take a token now: every decode row, and prefills that finish a fresh prompt
+        first_token = [end == seq.prefill_target and seq.num_output_tokens == 0
+                       for seq, (_, end) in zip(prefill, batch.prefill_chunks)]
+        input_ids, positions, slots, depths = [], [], [], []
+        row_seq = list(range(len(decode)))  # per row, its sequence: decode row i -> i, then prefill sequences
+        needs_logits = [True] * len(decode)
+        for seq in decode:
+            input_ids.append(seq.token_ids[-1])
+            positions.append(seq.num_tokens - 1)
+            slots += self.block_manager.slots(seq, seq.num_tokens - 1, seq.num_tokens)
+        for i, (seq, (start, end), first) in enumerate(zip(prefill, batch.prefill_chunks, first_token)):
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self.block_manager.slots(seq, start, end)
+            depths += ([self.num_layers] * (end - start) if not seq.num_output_tokens
+                       else [seq.input_exit_layer(p, self.num_layers) for p in range(start, end)])
+            row_seq += [len(decode) + i] * (end - start)
+            needs_logits += [False] * (end - start - 1) + [first]
+        meta = StepMetadata.build(slots, [s.block_table for s in decode], [s.num_tokens for s in decode],
+                                  [s.block_table for s in prefill], batch.prefill_chunks,
+                                  self.pool.block_size, self.device)
+        controls = self._controls(decode + prefill, [True] * len(decode) + first_token)
+        plan = early_exit.ExitPlan(
+            thresholds=torch.tensor([s.thresholds for s in decode], dtype=torch.float32).view(len(decode), self.num_heads),
+            controls=controls.rows(torch.arange(len(decode))), prefill_depths=torch.tensor(depths, dtype=torch.long),
+            needs_logits=torch.tensor(needs_logits, dtype=torch.bool))
+        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+
+        start_time = time.perf_counter()
+        result = early_exit.forward(self.model, self.heads, PagedKVStore(self.pool, meta), ids, pos, plan, self.policy)
+        final_seq = torch.tensor(row_seq, dtype=torch.long)[result.final_rows]
+        final = sample(result.final_logits, controls.rows(final_seq)) if len(final_seq) else None
+        final_tokens = final.token.tolist() if final is not None else []
+        forward_seconds = time.perf_counter() - start_time
+        return self._collect(decode + prefill, len(decode), result, final_seq.tolist(), final_tokens, final,
+                             forward_seconds)
+
+    def _controls(self, seqs: list[Sequence], draws: list[bool]) -> SamplingTensors:
+        """Per-sequence sampling controls; a row seed is drawn only for a sequence that takes a token now,
+        so each sequence's generator advances once per token whatever the batch looks like."""
+        params = [s.params for s in seqs]
+        seeds = [s.next_row_seed() if draw and p.temperature > 0 else 0 for s, p, draw in zip(seqs, params, draws)]
+        return SamplingTensors(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            top_k=torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.long),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            seeds=torch.tensor(seeds, dtype=torch.long),
+            num_logprobs=torch.tensor([p.logprobs or 0 for p in params], dtype=torch.long),
+            suppressed=[s.suppressed_token_ids(self.eos_token_ids) for s in seqs])
+
+    def _collect(self, seqs, num_decode, result, final_seq, final_tokens, final, forward_seconds) -> StepOutput:
+        out = StepOutput(margins=result.margins, forward_seconds=forward_seconds)
+        chosen = {}  # sequence index -> (token, logprob, (top tokens, top logprobs) | None)
+        if final is not None:
+            final_logprob = final.logprob.tolist()
+            top_tokens = final.top_tokens.tolist() if final.top_tokens is not None else None
+            top_logprobs = final.top_logprobs.tolist() if final.top_tokens is not None else None
+            for i, index in enumerate(final_seq):
+                chosen[index] = (final_tokens[i], final_logprob[i], top_tokens and (top_tokens[i], top_logprobs[i]))
+        head_logprob = result.head_logprob.tolist()
+        for i, token in enumerate(result.head_token.tolist()):
+            if token >= 0:
+                chosen[i] = (token, head_logprob[i], result.head_top.get(i))
+        exit_layers = result.exit_layers.tolist()
+        if num_decode:
+            context = result.exit_layers.new_tensor([s.num_tokens for s in seqs[:num_decode]]).numpy()
+            flops = self.costs.token_flops(result.exit_layers.numpy(), result.heads_evaluated.numpy(), context)
+            full = self.costs.full_depth_flops(context)
+            out.deepest_layer = max(exit_layers)
+        for index in sorted(chosen):
+            seq, (token, logprob, top) = seqs[index], chosen[index]
+            is_decode = index < num_decode
+            out.seqs.append(seq)
+            out.token_ids.append(token)
+            out.exit_layers.append(exit_layers[index] if is_decode else self.num_layers)
+            out.flops.append(float(flops[index]) if is_decode else 0.0)
+            out.flops_full_depth.append(float(full[index]) if is_decode else 0.0)
+            if seq.logprobs is None:
+                out.logprobs.append(None)
+            else:
+                n = seq.params.logprobs
+                alternatives = dict(zip(top[0][:n], top[1][:n])) if top else {}
+                out.logprobs.append(TokenLogprob(token, logprob, alternatives))
+        return out
