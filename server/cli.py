@@ -7,6 +7,7 @@ import sys
 # Modules exposing `register(subparsers)`; each adds one or more subcommands.
 COMMAND_MODULES = [
     "server.commands",
+    "server.api.serve",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -1,0 +1,59 @@
+"""In-process fixtures: the real engine on the tiny random model, an app around it per test, and an
+httpx client speaking ASGI to that app (no sockets)."""
+import httpx
+import pytest
+import torch
+
+from server.api.app import ServerState, build_app
+from server.api.engine_client import start_engine
+from server.engine.config import EngineConfig
+from server.metrics import Metrics
+from server.model.loader import load_model
+from tests.tiny_model import write_tiny_heads, write_tiny_model
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """(model folder, heads folder) of the tiny random Llama: 6 layers, exits at 2 and 4,
+    eps 0.9 (both heads on) and 0.99 (default; layer 4 only)."""
+    torch.set_num_threads(1)
+    model_dir = write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    loaded = load_model(str(model_dir))
+    heads_dir = write_tiny_heads(tmp_path_factory.mktemp("heads"), loaded.model, loaded.fingerprint)
+    return model_dir, heads_dir
+
+
+@pytest.fixture(scope="session")
+def engine_and_info(tiny_folders):
+    model_dir, heads_dir = tiny_folders
+    config = EngineConfig(model=str(model_dir), heads=str(heads_dir), device="cpu", max_num_seqs=16,
+                          max_num_batched_tokens=256)
+    engine, info, _ = start_engine(config, MODEL, process_metrics=False)
+    yield engine, info
+    engine.shutdown()
+
+
+@pytest.fixture
+def engine(engine_and_info):
+    return engine_and_info[0]
+
+
+@pytest.fixture
+def state(engine_and_info):
+    """A fresh server around the shared engine, with its own metrics registry."""
+    engine, info = engine_and_info
+    state = ServerState()
+    metrics = Metrics(info.name, info.exit_layers, info.num_hidden_layers, process_metrics=False)
+    engine.observer = metrics
+    state.set_engine(engine, info, metrics)
+    return state
+
+
+@pytest.fixture
+async def client(state):
+    transport = httpx.ASGITransport(app=build_app(state))
+    async with httpx.AsyncClient(transport=transport, base_url="http://offramp", timeout=30) as client:
+        yield client
+
