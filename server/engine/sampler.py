@@ -60,6 +60,8 @@ def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 def sample(logits: torch.Tensor, controls: SamplingTensors) -> SamplerOutput:
     """logits [R, V] -> one token per row."""
     logits = logits.float()
+    if any(controls.suppressed):
+        logits = logits.clone()  # never write into the caller's logits
     for row, banned in enumerate(controls.suppressed):
         if banned:
             logits[row, banned] = float("-inf")
