@@ -3,10 +3,13 @@
 Every PromQL expression of deploy/grafana/dashboards/offramp.json is evaluated through
 Prometheus's HTTP API, with $__rate_interval and the template variables substituted:
 - against an empty Prometheus: each must parse;
-- against a Prometheus scraping `offramp serve` on the default model (deploy/prometheus.yml with
-  its target pointed at the test server and 1 s scrapes instead of 5 s, to keep the test short),
-  after mixed traffic: each must return a non-empty, finite result, and the early-exit and
-  throughput panels must agree with what the requests reported.
+- against a Prometheus scraping `offramp serve` (deploy/prometheus.yml with its target pointed at
+  the test server and 1 s scrapes instead of 5 s, to keep the test short), after mixed traffic:
+  each must return a non-empty, finite result, and the early-exit and throughput panels must
+  agree with what the requests reported.
+
+The server runs the tiny random Llama of tests/tiny_model.py (6 layers) with its synthetic exit
+heads at layers 2 and 4, so tokens really leave early, in milliseconds per step.
 
 The rate window runs from the last scrape before the traffic to the first scrape after it, so
 rate() x window is each counter's increase during the traffic (every series exists at zero from
@@ -29,20 +32,24 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
+
+from tests.tiny_model import write_tiny_heads, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "offramp.json"
 PROMETHEUS_YML = ROOT / "deploy" / "prometheus.yml"
 OFFRAMP = Path(sys.executable).with_name("offramp")
-MODEL = "smollm2-135m"
+MODEL = "tiny"
+LOW_EPSILON = 0.9  # both tiny heads on, low thresholds: many early exits (the default, 0.99, uses layer 4 only)
 SCRAPE_SECONDS = 1
 SHARE_TOLERANCE = 0.01  # the same counts through two paths; 0.01 = one token in a hundred
 COMPUTE_SAVED_TOLERANCE = 0.03  # usage gives a ratio per request; pooled here by token count, not FLOPs
 PROMPTS = [
-    "The capital of France is",
-    "Write one sentence about the sea:",
-    "List three colours: red,",
+    "what is the capital of france",
+    "the quick brown fox jumps over the lazy dog",
+    "red green blue sky sun moon",
 ]
 
 
@@ -98,9 +105,6 @@ class Prometheus:
     """Debian's prometheus on a free loopback port, scraping `target` with deploy/prometheus.yml."""
 
     def __init__(self, workdir: Path, target: str):
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.skip("prometheus is not installed (deploy/ci-deps.sh installs Debian's package)")
         config = yaml.safe_load(PROMETHEUS_YML.read_text())
         interval = f"{SCRAPE_SECONDS}s"
         config["global"].update(scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval)
@@ -114,7 +118,7 @@ class Prometheus:
         self.log_path = workdir / "prometheus.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                ["prometheus", f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
                  f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
                 stdout=log, stderr=subprocess.STDOUT)
         self.http = httpx.Client(base_url=self.url, timeout=10)
@@ -161,6 +165,8 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus_factory(tmp_path):
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (deploy/ci-deps.sh installs Debian's package)")
     started = []
 
     def start(target: str) -> Prometheus:
@@ -173,20 +179,24 @@ def prometheus_factory(tmp_path):
 
 
 @pytest.fixture
-def server(tmp_path, request):
-    """`offramp serve` on the default model on a free loopback port; yields its base URL."""
+def server(tmp_path):
+    """`offramp serve` on the tiny model with its exit heads, on a free loopback port; yields its URL."""
     reason = serve_unavailable()
     if reason:
         pytest.skip(reason)
-    try:
-        request.getfixturevalue("smollm2_path")  # the shared download into $OFFRAMP_HOME, once per session
-    except pytest.FixtureLookupError:
-        pass
+    from server.model.loader import load_model
+
+    torch.set_num_threads(1)
+    model_dir = write_tiny_model(tmp_path / "tiny-llama")
+    loaded = load_model(str(model_dir))
+    heads_dir = write_tiny_heads(tmp_path / "heads", loaded.model, loaded.fingerprint)
     port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(OFFRAMP), "serve", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [str(OFFRAMP), "serve", "--model", str(model_dir), "--heads", str(heads_dir), "--served-model-name", MODEL,
+             "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -198,7 +208,7 @@ def server(tmp_path, request):
             return False
 
     try:
-        wait_until(healthy, 180, "offramp serve to report healthy", interval=0.25)
+        wait_until(healthy, 90, "offramp serve to report healthy", interval=0.25)
         yield url
     finally:
         proc.terminate()
@@ -209,10 +219,11 @@ def server(tmp_path, request):
             proc.wait()
 
 
-def complete(client: httpx.Client, prompt: str, early_exit: bool, max_tokens: int) -> Reply:
+def complete(client: httpx.Client, prompt: str, early_exit: bool, max_tokens: int,
+             exit_epsilon: float | None = None) -> Reply:
     response = client.post("/v1/completions", json={
-        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "early_exit": early_exit, "return_exit_layers": True})
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "early_exit": early_exit, "exit_epsilon": exit_epsilon, "return_exit_layers": True})
     assert response.status_code == 200, response.text
     body = response.json()
     (choice,) = body["choices"]
@@ -223,8 +234,8 @@ def chat_stream(client: httpx.Client, prompt: str, max_tokens: int) -> Reply:
     exit_layers, usage, finish_reason = [], None, None
     with client.stream("POST", "/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-            "return_exit_layers": True}) as response:
+            "temperature": 0, "ignore_eos": True, "exit_epsilon": LOW_EPSILON, "stream": True,
+            "stream_options": {"include_usage": True}, "return_exit_layers": True}) as response:
         assert response.status_code == 200, response.read().decode()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -242,7 +253,7 @@ def send_traffic(url: str) -> list[Reply]:
     """Early exit on and off, plain and streaming, four at once; and one rejected request."""
     with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(4) as pool:
         futures = [
-            pool.submit(complete, client, PROMPTS[0], True, 24),
+            pool.submit(complete, client, PROMPTS[0], True, 24, LOW_EPSILON),
             pool.submit(complete, client, PROMPTS[1], True, 24),
             pool.submit(complete, client, PROMPTS[0], False, 16),
             pool.submit(chat_stream, client, PROMPTS[2], 24),
@@ -277,8 +288,7 @@ def test_dashboard_queries_parse(prometheus_factory):
         prom.query("sum(rate(offramp_prompt_tokens_total[20s])")
 
 
-@pytest.mark.slow
-def test_dashboard_live(server, prometheus_factory):
+def test_dashboard_live(prometheus_factory, server):
     board = json.loads(DASHBOARD.read_text())
     prom = prometheus_factory(server.removeprefix("http://"))
     # The window opens on the last scrape before any request: every counter is still at its start.
