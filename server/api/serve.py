@@ -7,9 +7,10 @@ On SIGTERM uvicorn stops accepting, in-flight requests (streams included) finish
 --shutdown-timeout seconds, then the engine stops and the process exits 0.
 """
 import logging
+import signal
 import threading
 
-from server.cli import DEFAULT_MODEL, UsageError
+from server.cli import DEFAULT_MODEL
 
 log = logging.getLogger("offramp.serve")
 
@@ -56,9 +57,9 @@ def run_serve(args) -> int:
     from server.api.engine_client import start_engine
 
     if not 0 <= args.port < 65536:
-        raise UsageError(f"--port {args.port} is not a port number")
+        raise ValueError(f"--port {args.port} is not a port number")
     if args.max_waiting < 0:
-        raise UsageError("--max-waiting must be non-negative")
+        raise ValueError("--max-waiting must be non-negative")
     config = engine_config(args)  # fails fast, before the port is bound, on a bad flag
     state = ServerState(api_key=args.api_key, max_waiting=args.max_waiting)
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_config=None,
@@ -75,6 +76,9 @@ def run_serve(args) -> int:
             server.should_exit = True
 
     threading.Thread(target=load, name="offramp-load", daemon=True).start()
+    # uvicorn handles SIGTERM while it runs, then re-raises it to the handler it found: make that
+    # one a no-op so a graceful stop ends with status 0 instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()
     finally:

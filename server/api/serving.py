@@ -191,24 +191,34 @@ class OpenAIServing:
                 queue.put_nowait((i, err))
 
         tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        unfinished = set(range(len(prompts)))
         try:
-            remaining = len(prompts)
-            while remaining:
+            while unfinished:
                 i, item = await queue.get()
                 if item is None:
-                    remaining -= 1
+                    unfinished.discard(i)
                 elif isinstance(item, Exception):
                     raise item
                 else:
                     yield i, item
-        finally:
+        finally:  # on error, cancellation or a consumer that stopped reading: free the engine's KV now
             ticket.release_all()
+            self.abort([request_ids[i] for i in unfinished])
             for task in tasks:
                 task.cancel()
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self.engine.abort_request(request_id)
+
+    @contextlib.asynccontextmanager
+    async def run(self, prompts: list[list[int]], params: list[SamplingParams], request_ids: list[str],
+                  raw_request):
+        """`generate` as a block: a client that hangs up, an error, or leaving the block early aborts
+        whatever is unfinished, at once."""
+        async with self.abort_on_disconnect(raw_request, request_ids), \
+                contextlib.aclosing(self.generate(prompts, params, request_ids)) as outputs:
+            yield outputs
 
     @contextlib.asynccontextmanager
     async def abort_on_disconnect(self, raw_request, request_ids: list[str]):
@@ -270,9 +280,10 @@ def request_ids(request_id: str, num_prompts: int) -> list[str]:
 async def stream_with_errors(events: AsyncIterator[str], on_error: Callable[[Exception], APIError]):
     """Pass `events` through; an error after the stream started becomes a data: error event. Always ends
     with [DONE]."""
-    try:
-        async for event in events:
-            yield event
-    except Exception as err:
-        yield sse(on_error(err).body())
+    async with contextlib.aclosing(events):
+        try:
+            async for event in events:
+                yield event
+        except Exception as err:
+            yield sse(on_error(err).body())
     yield STREAM_DONE

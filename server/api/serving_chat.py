@@ -35,12 +35,9 @@ class OpenAIServingChat(OpenAIServing):
             events = self.stream(request, prompt, params, request_id, raw_request)
             return stream_with_errors(events, lambda err: self.internal_error(err, request_id))
         final: RequestOutput | None = None
-        try:
-            async with self.abort_on_disconnect(raw_request, [request_id]):
-                async for _, final in self.generate([prompt], [params], [request_id]):
-                    pass
-        finally:
-            self.abort([request_id])
+        async with self.run([prompt], [params], [request_id], raw_request) as outputs:
+            async for _, final in outputs:
+                pass
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
                               logprobs=self.logprobs(c.logprobs, request.top_logprobs or 0) if request.logprobs else None,
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -59,21 +56,18 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         cursors = [ChoiceCursor() for _ in range(request.n)]
         final: RequestOutput | None = None
-        try:
-            async with self.abort_on_disconnect(raw_request, [request_id]):
-                async for _, final in self.generate([prompt], [params], [request_id]):
-                    for c in final.outputs:
-                        delta = advance(cursors[c.index], c)
-                        if delta is None:
-                            continue
-                        logprobs = self.logprobs(delta.logprobs, request.top_logprobs or 0) if request.logprobs else None
-                        yield chunk([ChatStreamChoice(
-                            index=c.index, delta=DeltaMessage(content=delta.text or None), logprobs=logprobs,
-                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
-                            exit_layers=delta.exit_layers if request.return_exit_layers else None,
-                            token_ids=delta.token_ids if request.return_token_ids else None)])
-        finally:
-            self.abort([request_id])
+        async with self.run([prompt], [params], [request_id], raw_request) as outputs:
+            async for _, final in outputs:
+                for c in final.outputs:
+                    delta = advance(cursors[c.index], c)
+                    if delta is None:
+                        continue
+                    logprobs = self.logprobs(delta.logprobs, request.top_logprobs or 0) if request.logprobs else None
+                    yield chunk([ChatStreamChoice(
+                        index=c.index, delta=DeltaMessage(content=delta.text or None), logprobs=logprobs,
+                        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+                        exit_layers=delta.exit_layers if request.return_exit_layers else None,
+                        token_ids=delta.token_ids if request.return_token_ids else None)])
         if request.stream_options and request.stream_options.include_usage:
             yield chunk([], self.usage([len(prompt)], [final] if final else []))
 

@@ -31,12 +31,9 @@ class OpenAIServingCompletion(OpenAIServing):
             events = self.stream(request, prompts, params, ids, raw_request, request_id)
             return stream_with_errors(events, lambda err: self.internal_error(err, request_id))
         finals: dict[int, RequestOutput] = {}
-        try:
-            async with self.abort_on_disconnect(raw_request, ids):
-                async for i, output in self.generate(prompts, params, ids):
-                    finals[i] = output
-        finally:
-            self.abort(ids)
+        async with self.run(prompts, params, ids, raw_request) as outputs:
+            async for i, output in outputs:
+                finals[i] = output
         outputs = [finals[i] for i in range(len(prompts))]
         choices = []
         for i, output in enumerate(outputs):
@@ -55,31 +52,28 @@ class OpenAIServingCompletion(OpenAIServing):
         cursors = {}  # choice index -> ChoiceCursor
         offsets = {}  # choice index -> text offset of the next logprob token
         finals: dict[int, RequestOutput] = {}
-        try:
-            async with self.abort_on_disconnect(raw_request, ids):
-                async for i, output in self.generate(prompts, params, ids):
-                    finals[i] = output
-                    for c in output.outputs:
-                        index = i * request.n + c.index
-                        first = index not in cursors
-                        delta = advance(cursors.setdefault(index, ChoiceCursor()), c)
-                        if delta is None:
-                            continue
-                        text = delta.text
-                        if first and request.echo:
-                            text = self.tokenizer.decode(prompts[i]) + text
-                        logprobs = None
-                        if request.logprobs is not None:
-                            logprobs = self.logprobs(delta.logprobs, offsets.get(index, 0))
-                            offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs.tokens)
-                        choice = CompletionChoice(
-                            index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
-                            stop_reason=delta.stop_reason,
-                            exit_layers=delta.exit_layers if request.return_exit_layers else None,
-                            token_ids=delta.token_ids if request.return_token_ids else None)
-                        yield sse(CompletionResponse(id=request_id, model=self.info.name, choices=[choice]))
-        finally:
-            self.abort(ids)
+        async with self.run(prompts, params, ids, raw_request) as outputs:
+            async for i, output in outputs:
+                finals[i] = output
+                for c in output.outputs:
+                    index = i * request.n + c.index
+                    first = index not in cursors
+                    delta = advance(cursors.setdefault(index, ChoiceCursor()), c)
+                    if delta is None:
+                        continue
+                    text = delta.text
+                    if first and request.echo:
+                        text = self.tokenizer.decode(prompts[i]) + text
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs = self.logprobs(delta.logprobs, offsets.get(index, 0))
+                        offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs.tokens)
+                    choice = CompletionChoice(
+                        index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
+                        exit_layers=delta.exit_layers if request.return_exit_layers else None,
+                        token_ids=delta.token_ids if request.return_token_ids else None)
+                    yield sse(CompletionResponse(id=request_id, model=self.info.name, choices=[choice]))
         if request.stream_options and request.stream_options.include_usage:
             usage = self.usage([len(p) for p in prompts], [finals[i] for i in sorted(finals)])
             yield sse(CompletionResponse(id=request_id, model=self.info.name, choices=[], usage=usage))

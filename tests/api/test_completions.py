@@ -1,4 +1,6 @@
 """/v1/completions on the real engine (tiny model), in process."""
+import asyncio
+
 import pytest
 
 from server.model.generate import generate
@@ -143,3 +145,19 @@ async def test_models_version_and_health(client):
     assert (await client.get("/version")).json()["version"]
     health = await client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+async def test_a_stream_closed_early_frees_its_kv_at_once(state, engine):
+    from server.api.protocol import CompletionRequest
+
+    request = CompletionRequest(prompt=PROMPT, max_tokens=400, ignore_eos=True, stream=True, n=2)
+    events = await state.completion.create_completion(request)
+    assert (await anext(events)).startswith("data: ")
+    assert engine.engine.block_manager.num_used_blocks > 0
+    await events.aclose()  # what Starlette does when the client is gone
+    for _ in range(100):
+        if engine.engine.block_manager.num_used_blocks == 0 and not engine.engine.requests:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.engine.block_manager.num_used_blocks == 0 and not engine.engine.requests
+    assert state.admission.num_waiting == 0
