@@ -291,18 +291,15 @@ def test_dashboard_queries_parse(prometheus_factory):
 def test_dashboard_live(prometheus_factory, server):
     board = json.loads(DASHBOARD.read_text())
     prom = prometheus_factory(server.removeprefix("http://"))
-    # The window opens on the last scrape before any request: every counter is still at its start.
-    prom.scrape_after(time.time())
+    # The window opens on a scrape Prometheus has recorded (so it was answered) before any request.
+    first = prom.scrape_after(time.time())
     model = prom.label_values("model_name", "offramp_num_requests_running")
     assert len(model) == 1, f"the Model variable's query found {model}"
     model = model[0]
-    time.sleep(0.3)
-    sent_at = time.time()
     replies = send_traffic(server)
     completion_tokens = sum(r.usage["completion_tokens"] for r in replies)
     wait_until(lambda: server_counter(server, "offramp_request_success_total") == len(replies), 10,
                "the server to count every finished request")
-    first = max(ts for ts in prom.scrape_times() if ts < sent_at - 0.2)
     last = prom.scrape_after(time.time())
     window_ms = math.ceil((last - first) * 1000) + 2
     at = last + 0.001  # the window (at - window_ms, at] holds the scrapes at `first` and `last`
@@ -310,8 +307,9 @@ def test_dashboard_live(prometheus_factory, server):
                            f' - sum(offramp_generation_tokens_total{{model_name="{model}"}} @ {first:.3f})', at)
     assert float(generated[0]["value"][1]) == completion_tokens, "the window does not hold exactly the traffic"
 
-    layers = sorted(int(k) for k in prom.label_values("exit_layer", f'offramp_exit_tokens_total{{model_name="{model}"}}'))
-    final_layer = layers[-1]  # the Full-depth layer variable: numerically sorted descending, first value
+    # The Full-depth layer variable: exit_layer values sorted numerically descending, the first.
+    exit_layers = prom.label_values("exit_layer", f'offramp_exit_tokens_total{{model_name="{model}"}}')
+    final_layer = max(int(k) for k in exit_layers)
     variables = {"model_name": model, "final_layer": str(final_layer), "datasource": "offramp-prometheus"}
 
     results, problems = {}, []
