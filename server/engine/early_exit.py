@@ -68,6 +68,7 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
     device = input_ids.device
     hidden = model.embed(input_ids)  # [N, d]
     live, num_decode = torch.arange(num_rows), d  # on the CPU: they drive Python decisions
+    policy_state = policy.init_state(hidden[:d]) if policy is not None else None  # rows = live decode rows
     left = LeftRows(hidden[:0], positions[:0], store.meta.slots[:0])
     result = ExitResult(exit_layers=torch.full((d,), num_layers), heads_evaluated=torch.zeros(d, dtype=torch.long),
                         head_token=torch.full((d,), -1), head_logprob=torch.zeros(d), final_rows=live[:0],
@@ -83,12 +84,14 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
         asked = decode_rows[torch.isfinite(plan.thresholds[decode_rows, head_index])]
         if len(asked):
             leave[:num_decode] = _ask_head(model, heads.head(layer), hidden[:num_decode], decode_rows, asked,
-                                           head_index, plan, result, policy)
+                                           head_index, plan, result, policy, policy_state)
         leave[num_decode:] = plan.prefill_depths[live[num_decode:] - d] == layer
         if leave.any():
             gone, keep = leave.to(device), (~leave).to(device)
             left = left.add(hidden[gone], positions[gone], store.meta.slots[gone])
             hidden, positions, store = hidden[keep], positions[keep], store.select(keep)
+            if policy_state is not None:
+                policy_state = policy_state.select(keep[:num_decode])
             live, num_decode = live[~leave], int((~leave[:num_decode]).sum())
     wanted = plan.needs_logits[live]
     result.final_rows = live[wanted]
@@ -108,22 +111,29 @@ def _run_segment(model, hidden, positions, store, start: int, end: int, left: Le
     return hidden
 
 
-def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy) -> torch.Tensor:
+def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy, policy_state) -> torch.Tensor:
     """Exit decision at one head for the live decode rows `rows` (original ids; hidden [len(rows), d]),
-    evaluated on the `asked` subset. Records tokens and statistics; returns the leave mask [len(rows)]."""
+    evaluated on the `asked` subset. Records tokens and statistics; returns the leave mask [len(rows)].
+    The margin policy is the kernel's own exit flag; another policy scores the kernel's decision."""
     position = torch.searchsorted(rows, asked)  # where each asked row sits among the live decode rows
+    device_position = position.to(hidden.device)
+    thresholds = plan.thresholds[asked, head_index].to(hidden.device)
     controls = plan.controls.rows(asked)
     sampled = not controls.all_greedy
     logprob_rows = controls.num_logprobs > 0
     decision = exit_head(
-        hidden[position.to(hidden.device)], head.norm_weight, model.lm_head.weight,
-        plan.thresholds[asked, head_index].to(hidden.device), eps=head.eps,
+        hidden[device_position], head.norm_weight, model.lm_head.weight, thresholds, eps=head.eps,
         temperature=controls.temperature if sampled else None, seed=controls.seeds if sampled else None,
         adapter=head.adapted if head.adapter is not None else None,
         top_k=controls.top_k if bool((controls.top_k > 0).any()) else None,
         top_p=controls.top_p if bool((controls.top_p < 1).any()) else None,
         num_logprobs=controls.num_logprobs if bool(logprob_rows.any()) else None)
-    exits = decision.exit.cpu() if policy is None else policy(decision, plan.thresholds[asked, head_index])
+    if policy is None:
+        exits = decision.exit.cpu()
+    else:  # decide on the asked subset; rows not asked keep their memory unchanged
+        asked_state = policy_state.select(device_position)
+        exits = policy.decide(decision, hidden[device_position], asked_state, thresholds, head.layer).cpu()
+        policy_state.assign(device_position, asked_state)
     token = decision.token.cpu()
     for i, banned in enumerate(controls.suppressed):  # EOS before min_tokens: such a row does not exit here
         if banned and exits[i] and int(token[i]) in banned:

@@ -251,11 +251,13 @@ class LLMEngine:
 
 
 def exit_policy(heads: ExitHeadSet | None):
-    """The head set's exit policy as a callable (decision, thresholds) -> exit mask, or None for
-    margin, which the exit kernel decides itself."""
+    """The head set's exit policy (calibration.policies), or None for margin, which the exit kernel
+    decides itself."""
     if heads is None or heads.policy == "margin":
         return None
-    raise ValueError(f"the head set uses exit policy {heads.policy!r}; this engine supports 'margin'")
+    from calibration.policies import get_policy
+
+    return get_policy(heads.policy, heads.policy_params)
 
 
 def load_heads(spec: str | None, loaded) -> ExitHeadSet | None:

@@ -1,6 +1,8 @@
 """Helpers shared by the engine tests."""
 import torch
 
+from server.model.llama import ContiguousKVCache
+
 
 def random_prompts(lengths, seed=0, vocab=300) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -21,3 +23,14 @@ def run_staggered(engine, prompts, params, arrivals) -> dict[str, list]:
         step += 1
         assert step < 10_000
     return final
+
+
+def context_cache(engine, seq, upto: int) -> ContiguousKVCache:
+    """A contiguous cache holding the pool's K/V of positions [0, upto) of seq, all layers."""
+    config = engine.model_config
+    cache = ContiguousKVCache(config, upto + 1)
+    slots = torch.tensor(engine.block_manager.slots(seq, 0, upto))
+    for layer in range(config.num_hidden_layers):
+        cache.k[layer, :upto] = engine.pool.k[layer].flatten(0, 1)[slots]
+        cache.v[layer, :upto] = engine.pool.v[layer].flatten(0, 1)[slots]
+    return cache

@@ -4,8 +4,7 @@ import torch
 
 from server.engine.sampling_params import SamplingParams
 from server.model.generate import generate as reference_generate
-from server.model.llama import ContiguousKVCache
-from tests.engine.helpers import random_prompts, run_staggered
+from tests.engine.helpers import context_cache, random_prompts, run_staggered
 
 LENGTHS = [3, 17, 40, 9, 70, 1, 25, 5]
 ARRIVALS = [0, 0, 1, 3, 3, 6, 10, 11]
@@ -54,17 +53,6 @@ def test_batch_invariance_with_early_exit(make_engine):
     assert exited > 50  # the comparison covers many exited tokens
 
 
-def _context_cache(engine, seq, upto: int) -> ContiguousKVCache:
-    """A contiguous cache holding the pool's K/V of positions [0, upto) of seq, all layers."""
-    config = engine.model_config
-    cache = ContiguousKVCache(config, upto + 1)
-    slots = torch.tensor(engine.block_manager.slots(seq, 0, upto))
-    for layer in range(config.num_hidden_layers):
-        cache.k[layer, :upto] = engine.pool.k[layer].flatten(0, 1)[slots]
-        cache.v[layer, :upto] = engine.pool.v[layer].flatten(0, 1)[slots]
-    return cache
-
-
 @torch.inference_mode()
 def test_kv_fill_and_exit_tokens(make_engine, tiny, tiny_heads):
     """For exited tokens: the pool holds layer_kv(exit hidden) at every skipped layer, and the token
@@ -83,7 +71,7 @@ def test_kv_fill_and_exit_tokens(make_engine, tiny, tiny_heads):
         exit_layer, position = seq.exit_layers[i + 1], seq.num_prompt_tokens + i  # token i as input
         if exit_layer == num_layers:
             continue
-        cache = _context_cache(engine, seq, position)
+        cache = context_cache(engine, seq, position)
         pos = torch.tensor([position])
         hidden = model.run_layers(model.embed(torch.tensor([seq.token_ids[position]])), pos, 0, exit_layer,
                                   cache.at(pos))
