@@ -8,6 +8,7 @@ import sys
 COMMAND_MODULES = [
     "server.commands",
     "server.api.serve",
+    "calibration.tune_cli",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
