@@ -5,7 +5,6 @@ The app exists before the engine: while the model loads every /v1 route and /hea
 so the port is open (and the Docker HEALTHCHECK meaningful) from the first second.
 """
 import json
-import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, FastAPI, Request
@@ -13,15 +12,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.admission import Admission
 from server.api.engine_client import scheduler_state
 from server.api.errors import APIError, bad_request
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.api.serving import Admission, ModelInfo
+from server.api.serving import ModelInfo
 from server.api.serving_chat import OpenAIServingChat
 from server.api.serving_completion import OpenAIServingCompletion
 from server.metrics import CONTENT_TYPE, Metrics
 
-log = logging.getLogger(__name__)
 
 
 def offramp_version() -> str:

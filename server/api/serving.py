@@ -1,8 +1,8 @@
 """What both OpenAI endpoints share: the served model's facts, request checks, the translation
 into SamplingParams, running prompts through the engine, usage, and aborting on disconnect.
 
-The engine is reached only through `generate`, `abort` and the facts in `ModelInfo`, so the
-routes never know whether it runs on a thread of this process or somewhere else.
+The engine is reached only through `generate`, `abort_request` and the facts in `ModelInfo`, so
+the routes never know whether it runs on a thread of this process or somewhere else.
 """
 import asyncio
 import contextlib
@@ -11,6 +11,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from server.api.admission import Admission
 from server.api.errors import APIError, bad_request
 from server.api.protocol import ExitUsage, SamplingFields, Usage
 from server.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -71,41 +72,6 @@ def advance(cursor: ChoiceCursor, output: CompletionOutput) -> ChoiceDelta | Non
 def sse(payload) -> str:
     """One server-sent event carrying a pydantic model."""
     return f"data: {payload.model_dump_json()}\n\n"
-
-
-class Admission:
-    """Engine requests accepted but not yet given their first token; beyond max_waiting new
-    requests get 429. Routes `check` before answering, so a stream is normally refused with a
-    status; `admit` reserves when generation starts."""
-
-    def __init__(self, max_waiting: int | None = None):
-        self.max_waiting = max_waiting
-        self.num_waiting = 0
-
-    def check(self, count: int) -> None:
-        if self.max_waiting is not None and self.num_waiting + count > self.max_waiting:
-            raise APIError(429, f"the server is busy ({self.num_waiting} requests waiting); retry shortly",
-                           code="queue_full", headers={"Retry-After": "1"})
-
-    def admit(self, count: int) -> "WaitTicket":
-        self.check(count)
-        self.num_waiting += count
-        return WaitTicket(self, count)
-
-
-class WaitTicket:
-    def __init__(self, admission: Admission, count: int):
-        self.admission = admission
-        self.waiting = [True] * count
-
-    def release(self, i: int) -> None:
-        if self.waiting[i]:
-            self.waiting[i] = False
-            self.admission.num_waiting -= 1
-
-    def release_all(self) -> None:
-        for i in range(len(self.waiting)):
-            self.release(i)
 
 
 class OpenAIServing:
@@ -187,6 +153,8 @@ class OpenAIServing:
                     ticket.release(i)
                     queue.put_nowait((i, output))
                 queue.put_nowait((i, None))
+            except ValueError as err:  # the engine refused the request
+                queue.put_nowait((i, bad_request(str(err))))
             except Exception as err:
                 queue.put_nowait((i, err))
 
@@ -245,8 +213,6 @@ class OpenAIServing:
             return err
         if isinstance(err, SamplingParamsError):
             return bad_request(str(err), err.param)
-        if isinstance(err, ValueError):  # the engine refused the request
-            return bad_request(str(err))
         log.error("%s: internal error: %s", request_id, err, exc_info=err)
         return APIError(500, f"internal error ({type(err).__name__}: {err}); request id {request_id}",
                         code="internal_error")

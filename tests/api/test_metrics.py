@@ -1,5 +1,4 @@
 """/metrics: every series present before traffic, vLLM's buckets, and counts that add up after it."""
-import pytest
 
 from server.engine.stats import FinishedRequestStats, StepStats
 from server.metrics import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, Metrics
