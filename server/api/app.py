@@ -22,7 +22,6 @@ from server.api.serving_completion import OpenAIServingCompletion
 from server.metrics import CONTENT_TYPE, Metrics
 
 
-
 def offramp_version() -> str:
     try:
         return version("offramp")
