@@ -50,8 +50,8 @@ def start_engine(config: EngineConfig, served_model_name: str | None = None,
 
 def log_facts(config: EngineConfig, info: ModelInfo, engine: AsyncLLMEngine) -> None:
     dtype = str(config.torch_dtype).removeprefix("torch.")
-    log.info("model: %s (%s), %d layers, vocabulary %d", info.name, config.model, info.num_hidden_layers,
-             info.vocab_size)
+    source = f" ({config.model})" if config.model != info.name else ""
+    log.info("model: %s%s, %d layers, vocabulary %d", info.name, source, info.num_hidden_layers, info.vocab_size)
     log.info("device: %s", config.torch_device)
     log.info("dtype: %s", dtype)
     if info.exit_layers:
