@@ -47,6 +47,8 @@ def engine_config(args):
                   kv_cache_memory=parse_memory(args.kv_cache_memory) if args.kv_cache_memory else None)
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
+        # every running sequence decodes each step, so the token budget grows with it
+        kwargs["max_num_batched_tokens"] = max(EngineConfig.max_num_batched_tokens, args.max_num_seqs)
     return EngineConfig(**kwargs)
 
 
