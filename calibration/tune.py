@@ -186,15 +186,16 @@ class Tuner:
         progress = min(1.0, self.tokens_seen / cfg.tokens)
         return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    def reference_logits(self, input_ids, attention_mask=None):
+        """[B*T, V] logits of the original model: the frozen copy, or this one with the deltas bypassed."""
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        model = self.teacher if self.teacher is not None else self.model
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast), lora_disabled(model):
+            final = run_backbone(model, input_ids, attention_mask, {self.num_layers})
+            return model.final_logits(final[self.num_layers])
+
     def _teacher_logprobs(self, input_ids, attention_mask, valid):
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-            if self.teacher is not None:
-                final = run_backbone(self.teacher, input_ids, attention_mask, {self.num_layers})
-                logits = self.teacher.final_logits(final[self.num_layers][valid])
-            else:
-                with lora_disabled(self.model):
-                    final = run_backbone(self.model, input_ids, attention_mask, {self.num_layers})
-                    logits = self.model.final_logits(final[self.num_layers][valid])
+        logits = self.reference_logits(input_ids, attention_mask)[valid]
         return F.log_softmax(logits.float(), dim=-1)  # [n, V]
 
     def losses(self, input_ids, attention_mask, train: bool = True):
@@ -287,3 +288,45 @@ class Tuner:
         self.tokens_seen, self.steps = state["tokens_seen"], state["steps"]
         self.batches_seen = state["batches_seen"]
         self.generator.set_state(state["generator"])
+
+
+@torch.no_grad()
+def exit_features(model, heads: ExitHeadSet, sequences, reference_logits):
+    """Teacher-forced exit statistics on token sequences, judged against the original model.
+
+    sequences: (token ids, first scored position) pairs; position t scores the prediction of token
+    t + 1, from the first scored position to the second-to-last token (a reply's tokens).
+    reference_logits(ids [1, T]) -> [T, V] logits of the ORIGINAL model.
+    Returns margin [H, N] (p1 - p2 of each head's softmax, what the exit kernel compares with the
+    threshold) and correct [H, N] (the head's top-1 is the original model's top-1)."""
+    margins, correct = [[] for _ in heads.layers], [[] for _ in heads.layers]
+    lm_head = model.lm_head.weight
+    for ids, start in sequences:
+        input_ids = torch.tensor([ids], device=lm_head.device)
+        scored = slice(max(start - 1, 0), len(ids) - 1)
+        target = reference_logits(input_ids)[scored].argmax(-1)  # [n]
+        states = run_backbone(model, input_ids, torch.ones_like(input_ids), set(heads.layers))
+        for i, k in enumerate(heads.layers):
+            probs = heads.head(k).logits(states[k][scored], lm_head).float().softmax(-1)  # [n, V]
+            top2 = probs.topk(2, dim=-1)
+            margins[i].append((top2.values[:, 0] - top2.values[:, 1]).cpu())
+            correct[i].append((top2.indices[:, 0] == target).cpu())
+    return (torch.stack([torch.cat(m) for m in margins]).numpy(),
+            torch.stack([torch.cat(c) for c in correct]).numpy())
+
+
+def calibrate_heads(heads: ExitHeadSet, margins, correct, cost_model, epsilons=(0.9, 0.95, 0.99),
+                    delta=None, default_epsilon=0.95) -> dict:
+    """Margin thresholds per epsilon (cost-aware head subset), agreement counted against the original
+    model; written into heads' calibration. Returns eps -> report (exits and compute saved per head)."""
+    from calibration.thresholds import cost_aware_select
+
+    entries, reports = {}, {}
+    for eps in epsilons:
+        thresholds, report = cost_aware_select(margins, correct, heads.layers, cost_model, eps, delta)
+        entries[eps] = {"thresholds": dict(zip(heads.layers, thresholds)), "exit_fraction": report["exit_fraction"],
+                        "saved_fraction": report["saved_fraction"], "num_tokens": report["num_tokens"]}
+        reports[eps] = report
+    heads.set_calibration("margin", entries, default_epsilon=default_epsilon, agreement_with="original model",
+                          delta=delta)
+    return reports

@@ -46,6 +46,12 @@ def register(subparsers):
     p.add_argument("--warmup-tokens", type=int, default=20_000)
     p.add_argument("--reply-tokens", type=int, default=256, help="longest generated reply")
     p.add_argument("--reply-temperature", type=float, default=0.7)
+    p.add_argument("--calib-prompts", default=str(PROMPTS_DIR / "calib.txt"),
+                   help="prompts whose greedy replies calibrate the tuned heads' thresholds against the original "
+                        "model (none = leave the heads uncalibrated)")
+    p.add_argument("--calib-reply-tokens", type=int, default=128)
+    p.add_argument("--epsilons", default="0.9,0.95,0.99", help="agreement levels to calibrate, comma-separated")
+    p.add_argument("--delta", type=float, default=None, help="Learn-then-Test risk level (default: empirical)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -60,8 +66,8 @@ def read_prompts(path) -> list[str]:
 
 
 def generate_replies(loaded, prompts: list[str], cache: Path, max_tokens: int, temperature: float,
-                     seed: int, batch: int = 16) -> list[list[int]]:
-    """Prompt (chat template) + the original model's reply, token ids per prompt; cached as JSON lines."""
+                     seed: int, batch: int = 16) -> list[tuple[list[int], int]]:
+    """Per prompt, (chat-templated prompt + the original model's reply, prompt length); cached as JSON lines."""
     from server.engine.config import EngineConfig
     from server.engine.engine import LLMEngine
     from server.engine.sampling_params import SamplingParams
@@ -71,7 +77,7 @@ def generate_replies(loaded, prompts: list[str], cache: Path, max_tokens: int, t
     if cache.is_file():
         for line in cache.read_text().splitlines():
             entry = json.loads(line)
-            done[entry["prompt"]] = entry["tokens"]
+            done[entry["prompt"]] = entry["tokens"], entry["prompt_len"]
     missing = [p for p in prompts if p not in done]
     if missing:
         engine = LLMEngine(loaded.model, tokenizer, EngineConfig(model=loaded.name, heads=None, max_num_seqs=batch),
@@ -85,8 +91,9 @@ def generate_replies(loaded, prompts: list[str], cache: Path, max_tokens: int, t
                 params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed * 1_000_003 + i)
                           for i in range(start, start + len(chunk))]
                 for prompt, prompt_ids, out in zip(chunk, ids, engine.generate(ids, params)):
-                    done[prompt] = prompt_ids + out.outputs[0].token_ids
-                    f.write(json.dumps({"prompt": prompt, "tokens": done[prompt]}) + "\n")
+                    done[prompt] = prompt_ids + out.outputs[0].token_ids, len(prompt_ids)
+                    f.write(json.dumps({"prompt": prompt, "tokens": done[prompt][0], "prompt_len": len(prompt_ids)})
+                            + "\n")
                 log.info("replies: %d / %d generated", start + len(chunk), len(missing))
     return [done[p] for p in prompts]
 
@@ -194,8 +201,12 @@ def run_tune(args):
     config.layers = heads.layers
     base = {"name": loaded.name, "fingerprint": loaded.fingerprint}
     prompts = [p for path in prompt_files for p in read_prompts(path)]
-    replies = generate_replies(loaded, prompts, out / "replies.jsonl", args.reply_tokens,
-                               args.reply_temperature, args.seed) if prompts else []
+    replies = [ids for ids, _ in generate_replies(loaded, prompts, out / "replies.jsonl", args.reply_tokens,
+                                                  args.reply_temperature, args.seed)] if prompts else []
+    calib = None
+    if args.calib_prompts != "none":
+        calib = generate_replies(loaded, read_prompts(args.calib_prompts), out / "calib_replies.jsonl",
+                                 args.calib_reply_tokens, 0.0, args.seed)
     teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False) if config.method_kind == "full" else None
     tuner = Tuner(loaded.model, heads, config, teacher)
     checkpoint = out / "checkpoint.pt"
@@ -226,8 +237,27 @@ def run_tune(args):
                 log_file.flush()
     progress.close()
     save_checkpoint(tuner, checkpoint)
+    if calib is not None:
+        calibrate(tuner, calib, [float(e) for e in args.epsilons.split(",")], args.delta)
     save_outputs(out, tuner, base)
     print(f"tuned {tuner.tokens_seen} tokens in {tuner.steps} steps: {out}")
+
+
+def calibrate(tuner, sequences, epsilons, delta) -> None:
+    """Thresholds of the tuned heads, agreement counted against the original model."""
+    from calibration.tune import calibrate_heads, exit_features
+    from server.model.costs import CostModel
+
+    heads, meta = tuner.heads.eval(), tuner.heads.meta
+    tuner.model.eval()
+    margins, correct = exit_features(tuner.model, heads, sequences, tuner.reference_logits)
+    costs = CostModel.from_config(tuner.model.config, head_kind=meta["head_kind"], adapter_rank=meta["adapter_rank"])
+    default = 0.95 if 0.95 in epsilons else max(epsilons)
+    reports = calibrate_heads(heads, margins, correct, costs, epsilons, delta, default_epsilon=default)
+    for eps, report in reports.items():
+        exits = ", ".join(f"L{h['layer']} {h.get('exit_rate', 0):.1%}" for h in report["heads"] if h["kept"])
+        print(f"eps {eps:g}: {report['exit_fraction']:.1%} of {report['num_tokens']} calibration tokens leave early "
+              f"({exits or 'no head kept'}), {report['saved_fraction']:.1%} of decode compute saved")
 
 
 def save_checkpoint(tuner, path: Path) -> None:

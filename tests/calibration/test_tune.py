@@ -11,7 +11,7 @@ import torch
 from calibration.tune import (TuneConfig, Tuner, exit_loss_weights, layer_dropout_rates, parse_anchor,
                               parse_method, run_backbone)
 from calibration.tune_cli import batches, documents
-from server.cli import main
+from server.cli import UsageError
 from server.model.exit_heads import AdapterSpec, ExitHeadSet
 from server.model.loader import load_model
 from tests.tiny_model import _corpus, write_tiny_model
@@ -141,9 +141,21 @@ def test_checkpointed_training_resumes_exactly(tiny_dir, tmp_path):
         assert torch.allclose(resumed.heads.state_dict()[name], tensor, atol=1e-6), name
 
 
+def tune(argv) -> None:
+    """`offramp tune ARGS` through this command's own parser (other commands need not import)."""
+    import argparse
+
+    from calibration.tune_cli import register
+
+    parser = argparse.ArgumentParser(prog="offramp")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
 def tune_args(tiny_dir, out, text, *extra):
     return ["tune", "--model", str(tiny_dir), "--layers", "2,4", "--text", str(text), "--prompts", str(text),
-            "--reply-tokens", "8", "--seq-len", "32", "--batch-size", "4", "--checkpoint-every", "2",
+            "--reply-tokens", "8", "--calib-prompts", str(text), "--calib-reply-tokens", "8", "--seq-len", "32", "--batch-size", "4", "--checkpoint-every", "2",
             "--lr", "1e-3", "--out", str(out), *extra]
 
 
@@ -157,7 +169,9 @@ def test_tune_command_writes_a_servable_delta_and_resumes(tiny_dir, tmp_path, ca
     out = tmp_path / "tuned"
     args = tune_args(tiny_dir, out, text, "--tokens", "600", "--weights", "asym:0.7", "--layer-dropout", "0.2")
     args[args.index("--prompts") + 1] = str(prompts)
-    assert main(args) == 0
+    args[args.index("--calib-prompts") + 1] = str(prompts)
+    tune(args)
+    assert "of decode compute saved" in capsys.readouterr().out
     replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in replies] == ["what is the capital of france", "hello world"]
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -166,16 +180,37 @@ def test_tune_command_writes_a_servable_delta_and_resumes(tiny_dir, tmp_path, ca
     assert manifest["kind"] == "lora" and manifest["recipe"]["weights"] == "asym:0.7"
     assert manifest["recipe"]["tokens_trained"] >= 600
 
-    assert main(args[:args.index("--tokens") + 1] + ["900"] + args[args.index("--tokens") + 2:]) == 0  # more tokens
+    tune(args[:args.index("--tokens") + 1] + ["900"] + args[args.index("--tokens") + 2:])  # more tokens: resumes
     more = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert more[:len(steps)] == steps and more[len(steps):] == list(range(len(steps) + 1, len(more) + 1))
     assert len(more) > len(steps)
 
     args[args.index("--lr") + 1] = "5e-4"
-    assert main(args) == 1  # a checkpoint made with other settings is not silently mixed in
-    assert "other settings" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="other settings"):
+        tune(args)  # a checkpoint made with other settings is not silently mixed in
 
     loaded = load_model(str(tiny_dir))
     heads = ExitHeadSet.load(apply_tune(loaded, out), config=loaded.config, fingerprint=loaded.fingerprint)
     assert heads.layers == [2, 4] and heads.meta["tune"]["recipe"]["anchor"] == "kl:1.0"
+    assert heads.epsilons() == [0.9, 0.95, 0.99] and heads.default_epsilon == 0.95
+    assert heads.meta["calibration"]["agreement_with"] == "original model"
     assert math.isclose(heads.meta["tune"]["recipe"]["layer_dropout"], 0.2)
+
+
+def test_agreement_is_counted_against_the_original_model_not_the_tuned_one(tiny_dir):
+    from calibration.tune import exit_features
+
+    tuner, train, held_out = tiny_tuner(tiny_dir, "none")
+    for ids, mask in itertools.islice(batches(itertools.cycle(train), 32, 8), 10):
+        tuner.train_step(ids, mask)  # drifts: the tuned final layer no longer agrees with the original
+    original = load_model(str(tiny_dir)).model
+    ids = torch.tensor([held_out[0] + held_out[1]])
+    assert torch.allclose(tuner.reference_logits(ids), original(ids)[0], atol=1e-5)
+    sequences = [(held_out[0] + held_out[1], 3)]
+    margins, correct = exit_features(tuner.model, tuner.heads, sequences, lambda x: original(x)[0])
+    n = len(sequences[0][0]) - 3
+    assert margins.shape == correct.shape == (2, n) and ((margins >= 0) & (margins <= 1)).all()
+    tuner.model.eval()
+    states = run_backbone(tuner.model, ids, torch.ones_like(ids), {4})
+    head_top1 = tuner.heads.head(4).logits(states[4][2:-1], tuner.model.lm_head.weight).argmax(-1)
+    assert (correct[1] == (head_top1 == original(ids)[0, 2:-1].argmax(-1)).numpy()).all()
