@@ -4,6 +4,11 @@
 - `tiny_vocab` / `tiny_gguf`: a byte-level BPE vocabulary trained here and a random tiny Llama
   written as a GGUF the way llama.cpp's converter writes one (Q/K rows permuted, norms in F32).
 """
+import os
+
+# Triton kernels run in the interpreter on CPU; set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from dataclasses import dataclass
 from pathlib import Path
 
