@@ -9,6 +9,7 @@ COMMAND_MODULES = [
     "server.commands",
     "server.api.serve",
     "calibration.tune_cli",
+    "bench.cli",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
