@@ -12,9 +12,9 @@ layer; compute saved is usage.exit.compute_saved averaged over requests, weighte
 
 One mode (one epsilon, or the server's default) runs as vLLM does: every request through a
 --concurrency limit, started at --request-rate. Several modes (--epsilon with several values,
---compare-full-depth) run in waves of --concurrency requests that cycle through the modes over the
-same prompts (A, B, A, B, ...): a batch never mixes modes, and load drift on a shared machine hits
-every mode alike. A mode's duration is the sum of its waves.
+--compare-full-depth) run in waves of --concurrency requests over the same prompts, interleaved wave
+by wave (A B, B A, A B, ...): a batch never mixes modes, load drift on a shared machine hits every
+mode alike, and no mode always goes first. A mode's duration is the sum of its waves.
 """
 import argparse
 import asyncio
@@ -152,12 +152,13 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, result: Request
 
 
 async def run_requests(client, settings: BenchSettings, jobs: list[tuple[int, Mode]], concurrency: int | None,
-                       request_rate: float, rng: random.Random, progress) -> tuple[list[RequestResult], float]:
+                       request_rate: float, rng: random.Random, progress, origin: float
+                       ) -> tuple[list[RequestResult], float]:
     """Send jobs (prompt index, mode) at most `concurrency` at a time, arrivals at `request_rate`;
     returns the results in job order and the wall time from the first send to the last reply."""
     semaphore = asyncio.Semaphore(concurrency) if concurrency else None
     results = [RequestResult(i, mode.label) for i, mode in jobs]
-    origin = time.perf_counter()
+    start = time.perf_counter()
 
     async def one(result: RequestResult, mode: Mode):
         path, body = request_body(settings, settings.prompts[result.prompt_index], mode, settings.max_tokens)
@@ -174,7 +175,7 @@ async def run_requests(client, settings: BenchSettings, jobs: list[tuple[int, Mo
         if math.isfinite(request_rate):
             await asyncio.sleep(rng.expovariate(request_rate))
     await asyncio.gather(*tasks)
-    return results, time.perf_counter() - origin
+    return results, time.perf_counter() - start
 
 
 async def benchmark(settings: BenchSettings) -> dict:
@@ -197,19 +198,20 @@ async def benchmark(settings: BenchSettings) -> dict:
         rng = random.Random(settings.seed)
         results: dict[str, list[RequestResult]] = {m.label: [] for m in settings.modes}
         durations = dict.fromkeys(results, 0.0)
+        origin = time.perf_counter()
         with tqdm(total=num_prompts * len(settings.modes), desc="requests", unit="req", file=sys.stderr,
                   disable=None if settings.progress is None else not settings.progress) as progress:
             if len(settings.modes) == 1:
                 mode = settings.modes[0]
                 done, seconds = await run_requests(client, settings, [(i, mode) for i in range(num_prompts)],
-                                                   settings.concurrency, settings.request_rate, rng, progress)
+                                                   settings.concurrency, settings.request_rate, rng, progress, origin)
                 results[mode.label], durations[mode.label] = done, seconds
             else:
-                for first in range(0, num_prompts, width):
+                for number, first in enumerate(range(0, num_prompts, width)):
                     wave = range(first, min(first + width, num_prompts))
-                    for mode in settings.modes:
+                    for mode in settings.modes if number % 2 == 0 else settings.modes[::-1]:
                         done, seconds = await run_requests(client, settings, [(i, mode) for i in wave], None,
-                                                           math.inf, rng, progress)
+                                                           math.inf, rng, progress, origin)
                         results[mode.label] += done
                         durations[mode.label] += seconds
         load_after = os.getloadavg()
@@ -241,7 +243,7 @@ async def warm_up(client, settings: BenchSettings) -> None:
     for mode in settings.modes:
         path, body = request_body(settings, settings.prompts[0], mode, min(4, settings.max_tokens))
         result = RequestResult(0, mode.label)
-        await send(client, path, body, result, time.perf_counter())
+        await send(client, path, body, result, origin=time.perf_counter())
         if not result.success:
             raise RuntimeError(f"warm-up request ({mode.label}) failed: {result.error}")
 

@@ -117,6 +117,14 @@ def test_compare_full_depth_matches_requests_and_server(server_url, prompts_file
     assert after["generation"] - before["generation"] == generated  # what the server counted
     for layer, count in layer_counts.items():
         assert after[f"layer {layer}"] - before.get(f"layer {layer}", 0) == count, layer
+    def wave(label, first_wave):  # (first start, last end) of a mode's requests in one wave of 4
+        chosen = [r for r in requests[label] if (r["prompt_index"] < 4) == first_wave]
+        return min(r["start"] for r in chosen), max(r["start"] + r["e2el"] for r in chosen)
+
+    # waves never overlap, and alternate which mode goes first: eps, full | full, eps
+    assert wave("eps=0.9", True)[1] <= wave(FULL_DEPTH, True)[0]
+    assert wave(FULL_DEPTH, True)[1] <= wave(FULL_DEPTH, False)[0]
+    assert wave(FULL_DEPTH, False)[1] <= wave("eps=0.9", False)[0]
     speedup = report["speedup_vs_full_depth"]["eps=0.9"]
     assert speedup["output_throughput"] == pytest.approx(early["output_throughput"]
                                                          / runs[FULL_DEPTH]["output_throughput"])
