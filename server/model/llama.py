@@ -79,16 +79,21 @@ class RotaryEmbedding(nn.Module):
             self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
         return self.cos, self.sin
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [N, H, Dh] rotated at positions [N] (Hugging Face's rotate-half layout)."""
-        cos, sin = self.tables(int(positions.max()) + 1, x.device, x.dtype)
-        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    def at(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, Dh] for positions [N]; computed once per call, shared by all layers."""
+        cos, sin = self.tables(int(positions.max()) + 1 if len(positions) else 1, positions.device, dtype)
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [N, H, Dh] rotated by rope = (cos, sin) [N, 1, Dh] (Hugging Face's rotate-half layout)."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
@@ -97,18 +102,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.attention_out_bias)
-        self.rotary = [rotary]  # a list so the shared module is not registered once per layer
 
-    def kv(self, x: torch.Tensor, positions: torch.Tensor):
+    def kv(self, x: torch.Tensor, rope):
         """x [N, d] (already normed) -> k, v [N, Hkv, Dh], k rotated."""
         k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        return self.rotary[0](k, positions), v
+        return apply_rope(k, rope), v
 
-    def forward(self, x, positions, layer: int, kv_store: KVStore):
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        q = self.rotary[0](q, positions)
-        k, v = self.kv(x, positions)
+    def forward(self, x, rope, layer: int, kv_store: KVStore):
+        q = apply_rope(self.q_proj(x).view(-1, self.num_heads, self.head_dim), rope)
+        k, v = self.kv(x, rope)
         out = kv_store.attend(layer, q, k, v)  # [N, Hq, Dh]
         return self.o_proj(out.reshape(x.shape[0], -1))
 
@@ -126,16 +129,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, index: int):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.index = index
-        self.self_attn = Attention(config, rotary)
+        self.self_attn = Attention(config)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, positions, kv_store: KVStore):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, self.index, kv_store)
+    def forward(self, hidden, rope, kv_store: KVStore):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, self.index, kv_store)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -144,7 +147,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary_emb, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -166,14 +169,15 @@ class LlamaForCausalLM(nn.Module):
 
     def run_layers(self, hidden, positions, start: int, end: int, kv_store: KVStore) -> torch.Tensor:
         """Take "layer start" hidden [N, d] to "layer end" hidden by running layers[start:end]."""
+        rope = self.model.rotary_emb.at(positions, hidden.dtype)
         for layer in self.model.layers[start:end]:
-            hidden = layer(hidden, positions, kv_store)
+            hidden = layer(hidden, rope, kv_store)
         return hidden
 
     def layer_kv(self, index: int, hidden, positions):
         """K/V [N, Hkv, Dh] that decoder layer `index` computes from its input hidden [N, d]."""
         layer = self.model.layers[index]
-        return layer.self_attn.kv(layer.input_layernorm(hidden), positions)
+        return layer.self_attn.kv(layer.input_layernorm(hidden), self.model.rotary_emb.at(positions, hidden.dtype))
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(hidden))
@@ -190,8 +194,9 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed(input_ids.reshape(-1))
         positions = positions.reshape(-1)
         states = [hidden]
+        rope = self.model.rotary_emb.at(positions, hidden.dtype)
         for layer in self.model.layers:
-            hidden = layer(hidden, positions, store)
+            hidden = layer(hidden, rope, store)
             states.append(hidden)
         logits = self.final_logits(hidden).view(batch, length, -1)
         if not output_hidden_states:
