@@ -231,7 +231,8 @@ def measure_shape(shape: str, args, device: torch.device, dtype: torch.dtype) ->
                 "step_over_floor": step_s / (floor_bytes / bandwidth), "floor_mb": floor_bytes / 1e6,
                 "weights_mb": statistics.median(r["bytes"]["weights"] for r in records) / 1e6,
                 "kv_read_mb": statistics.median(r["bytes"]["kv_read"] for r in records) / 1e6,
-                "achieved_gb_s": floor_bytes / step_s / 1e9, "decode_tok_s": batch / step_s})
+                "achieved_gb_s": floor_bytes / step_s / 1e9, "decode_tok_s": batch / step_s,
+                "per_step_ms": [(1e3 * r["seconds"], 1e3 * r["bytes"]["total"] / bandwidth) for r in records]})
             print(format_row(shape, results[-1]), flush=True)
     bandwidth_after = copy_bandwidth(device, args.copy_bytes)
     del engine, model, heads
