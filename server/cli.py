@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "server.api.serve",
     "calibration.tune_cli",
     "bench.cli",
+    "calibration.cli",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"

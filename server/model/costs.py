@@ -5,8 +5,9 @@ element-wise work (norms, RoPE, SiLU, softmax) is counted with a few FLOPs per e
 nothing is left out, but its exact constant hardly matters.
 
 A token that exits at layer k with h exit heads evaluated on the way costs
-    k * layer + h * head + (L - k) * kv_fill     (+ final norm and LM head if k == L),
-because the layers it skipped still need its K/V (input norm, k/v projections, RoPE on k).
+    k * layer + h * head + g * gate + (L - k) * kv_fill     (+ final norm and LM head if k == L),
+because the layers it skipped still need its K/V (input norm, k/v projections, RoPE on k);
+g counts the gate probes run (exit_heads.py: a gate decides whether a head is evaluated at all).
 For SmolLM2-135M one exit-head evaluation (d x V projection) costs about eight decoder layers.
 """
 from dataclasses import dataclass
@@ -77,14 +78,21 @@ class CostModel:
         """One exit-head evaluation: adapter, RMSNorm, the shared d x V projection, softmax and top-2."""
         return self.adapter_flops + self.final_flops
 
-    def token_flops(self, exit_layer, heads_evaluated, context_len=None):
+    @property
+    def gate_flops(self) -> int:
+        """One gate probe: RMS-normalise the hidden state, a d-vector dot product, a sigmoid."""
+        return NORM_FLOPS * self.hidden_size + 2 * self.hidden_size + 5
+
+    def token_flops(self, exit_layer, heads_evaluated, context_len=None, gates_evaluated=0):
         """Cost of one token (or arrays of tokens, element-wise): exit_layer in 1..L (L = ran to
-        the end), heads_evaluated = number of exit heads evaluated for it, its own exit included."""
+        the end), heads_evaluated = number of exit heads evaluated for it, its own exit included,
+        gates_evaluated = number of gate probes run for it."""
         num_layers = self.num_hidden_layers
         exit_layer, heads_evaluated = np.asarray(exit_layer), np.asarray(heads_evaluated)
         if np.any((exit_layer < 1) | (exit_layer > num_layers)):
             raise ValueError(f"exit_layer must be in 1..{num_layers}")
         flops = (exit_layer * self.layer_flops(context_len) + heads_evaluated * self.head_flops
+                 + np.asarray(gates_evaluated) * self.gate_flops
                  + (num_layers - exit_layer) * self.kv_fill_flops + (exit_layer >= num_layers) * self.final_flops)
         return float(flops) if np.ndim(flops) == 0 else flops
 

@@ -5,6 +5,12 @@ head(h) = lm_head @ rms_norm(h + adapter(h)) * norm_weight
 The LM head is shared with the model, never copied; a head owns only its RMSNorm weight
 (initialised from the final norm) and an optional zero-initialised residual adapter, so a
 fresh head is exactly the logit lens. A head set is saved as exits.safetensors + exits.json.
+
+Optional gate: a linear probe on the RMS-normalised hidden state, sigmoid(w . h / rms(h) + b),
+that predicts the head's confidence (its top-2 margin) for about 6d FLOPs. Where a head has a
+gate and the calibration gives a cut at the epsilon in use, the head is evaluated only for rows
+whose gate score is >= the cut: the gate can only skip head evaluations (and with them exits);
+the policy's threshold still decides every exit, and thresholds are calibrated with the gate in place.
 """
 import json
 import math
@@ -19,6 +25,7 @@ from server.model.llama import rms_norm
 
 FORMAT = "offramp-exits/1"
 HEAD_KINDS = ("norm", "linear", "mlp")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class HeadSetError(Exception):
@@ -64,12 +71,21 @@ class ResidualAdapter(nn.Module):
 
 
 class ExitHead(nn.Module):
-    def __init__(self, layer: int, dim: int, eps: float, spec: AdapterSpec, norm_init: torch.Tensor | None = None):
+    def __init__(self, layer: int, dim: int, eps: float, spec: AdapterSpec, norm_init: torch.Tensor | None = None,
+                 gate: bool = False):
         super().__init__()
         self.layer = layer
         self.eps = eps
         self.norm_weight = nn.Parameter(norm_init.detach().clone().float() if norm_init is not None else torch.ones(dim))
         self.adapter = None if spec.kind == "norm" else ResidualAdapter(dim, spec)
+        self.gate = nn.Linear(dim, 1) if gate else None
+
+    def gate_score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, d] -> [N] float32 in (0, 1): the probe's guess of the head's margin (1 without a gate)."""
+        if self.gate is None:
+            return hidden.new_ones(hidden.shape[0], dtype=torch.float32)
+        normed = rms_norm(hidden.float(), torch.ones_like(self.gate.weight[0]), self.eps)
+        return torch.sigmoid(self.gate(normed)[:, 0])
 
     def adapted(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, d] -> hidden + adapter(hidden), the input of the head's norm."""
@@ -157,18 +173,46 @@ class ExitHeadSet(nn.Module):
     def active_layers(self, eps: float) -> list[int]:
         return [k for k, t in self.thresholds(eps).items() if math.isfinite(t)]
 
+    @property
+    def has_gates(self) -> bool:
+        return any(head.gate is not None for head in self.heads.values())
+
+    def add_gates(self) -> None:
+        """Give every head a fresh gate probe (zero weights: score 0.5 for every row)."""
+        for head in self.heads.values():
+            head.gate = nn.Linear(head.norm_weight.shape[0], 1).to(head.norm_weight.device)
+            nn.init.zeros_(head.gate.weight)
+            nn.init.zeros_(head.gate.bias)
+        self.meta["gate"] = {"kind": "linear-probe", "target": "margin"}
+
+    def gate_cuts(self, eps: float) -> dict[int, float]:
+        """Per exit layer, the gate cut at eps: evaluate the head only where gate_score >= cut
+        (-inf = no gate: always evaluate)."""
+        raw = self.calibration_entry(eps).get("gate_cuts") or {}
+        return {k: (-math.inf if raw.get(str(k)) is None else float(raw[str(k)])) for k in self.layers}
+
     def set_calibration(self, policy: str, entries: dict[float, dict], default_epsilon: float, **extra):
         """entries: eps -> {"thresholds": {layer: float | inf}, ...stats}. inf is stored as null."""
         stored = {}
         for eps, entry in entries.items():
             thresholds = {str(k): (None if not math.isfinite(t) else float(t)) for k, t in entry["thresholds"].items()}
             stored[_key(eps)] = {**entry, "thresholds": thresholds}
+            if "gate_cuts" in entry:
+                stored[_key(eps)]["gate_cuts"] = {str(k): (None if not math.isfinite(c) else float(c))
+                                                   for k, c in entry["gate_cuts"].items()}
         self.meta["calibration"] = {"policy": policy, "epsilons": stored, "default_epsilon": default_epsilon, **extra}
 
-    def save(self, directory) -> None:
+    def save(self, directory, dtype: torch.dtype | None = None) -> None:
+        """dtype of the stored weights: float32, or float16 to ship a small file (the heads are
+        rounded to it in place first, so a saved set and its loaded copy hold the same numbers)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layer{k}.{name}": p.detach().float().contiguous().cpu()
+        dtype = dtype or DTYPES[self.meta.get("weights_dtype", "float32")]
+        self.meta["weights_dtype"] = str(dtype).removeprefix("torch.")
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(p.to(dtype))
+        tensors = {f"layer{k}.{name}": p.detach().to(dtype).contiguous().cpu()
                    for k, head in self.heads.items() for name, p in head.named_parameters()}
         save_file(tensors, str(directory / "exits.safetensors"))
         (directory / "exits.json").write_text(json.dumps(self.meta, indent=2, sort_keys=False) + "\n")
@@ -204,7 +248,7 @@ class ExitHeadSet(nn.Module):
         heads = []
         for k in meta["layers"]:
             norm = tensors[f"layer{k}.norm_weight"]
-            head = ExitHead(k, norm.shape[0], base.get("rms_norm_eps", 1e-5), spec)
+            head = ExitHead(k, norm.shape[0], base.get("rms_norm_eps", 1e-5), spec, gate=f"layer{k}.gate.weight" in tensors)
             state = {name[len(f"layer{k}."):]: t for name, t in tensors.items() if name.startswith(f"layer{k}.")}
             head.load_state_dict(state)
             heads.append(head)

@@ -1,0 +1,276 @@
+"""`offramp fit-heads`, `offramp calibrate` and `offramp eval`: the offline life of an exit-head set.
+
+fit-heads  frozen model, heads only: the model's own replies to prompt files (batched sampling
+           through the engine) plus text files -> one forward caches the hidden states at the exit
+           layers and the final top-K -> heads trained on the cache -> gate probes -> OUT.
+calibrate  per epsilon: head subset, thresholds and gate cuts on calibration prompts (disjoint from
+           the fitting prompts), then the on-policy check, tightened until it holds -> exits.json.
+eval       teacher-forced and on-policy agreement, exit shares, compute saved, perplexity -> a
+           table and JSON.
+Every intermediate (replies, state shards) is cached under --cache so a killed run resumes.
+"""
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from server.cli import DEFAULT_MODEL, UsageError
+
+log = logging.getLogger(__name__)
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+
+
+def register(subparsers):
+    fit = subparsers.add_parser("fit-heads", help="train exit heads on the frozen model")
+    _common(fit)
+    fit.add_argument("--layers", default="10,15,20,25", help="exit layers, comma-separated")
+    fit.add_argument("--head-kind", default="linear", help="norm, linear or mlp")
+    fit.add_argument("--head-rank", type=int, default=64, help="linear: rank (0 = full d x d); mlp: hidden width")
+    fit.add_argument("--loss", default="kl", help="kl (KL(final || head)) or ce-entropy:LAMBDA")
+    fit.add_argument("--prompts", action="append", default=None,
+                     help="prompt file (repeatable; default: the shipped calibration/prompts/train.txt)")
+    fit.add_argument("--text", action="append", default=[], help="text file (repeatable)")
+    fit.add_argument("--tokens", type=int, default=60_000, help="fitting positions, replies first, then text")
+    fit.add_argument("--samples-per-prompt", type=int, default=2)
+    fit.add_argument("--temperature", type=float, default=0.7, help="reply sampling temperature")
+    fit.add_argument("--steps", type=int, default=300)
+    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--top-k", type=int, default=32, help="final-distribution tokens kept as KL targets")
+    fit.add_argument("--no-gate", dest="gate", action="store_false", help="fit no gate probes")
+    fit.add_argument("--out", required=True)
+    fit.set_defaults(func=run_fit)
+
+    cal = subparsers.add_parser("calibrate", help="choose heads, thresholds and gates per epsilon")
+    _common(cal)
+    cal.add_argument("--heads", required=True, help="head-set folder (written in place)")
+    cal.add_argument("--prompts", action="append", default=None,
+                     help="prompt file (repeatable; default: the shipped calibration/prompts/calib.txt)")
+    cal.add_argument("--epsilon", default="0.9,0.95,0.99", help="target agreements, comma-separated")
+    cal.add_argument("--delta", type=float, default=None, help="Learn-then-Test failure probability (off if absent)")
+    cal.add_argument("--policy", default="margin", help="margin, maxprob, entropy, monotonic or saturation")
+    cal.add_argument("--no-gate", dest="gate", action="store_false", help="ignore the head set's gates")
+    cal.add_argument("--min-exits", type=int, default=30)
+    cal.add_argument("--on-policy-rounds", type=int, default=2, help="tightening rounds after the on-policy check")
+    cal.add_argument("--on-policy-prompts", type=int, default=64, help="calibration prompts used for the check")
+    cal.add_argument("--out", default=None, help="write here instead of in place")
+    cal.set_defaults(func=run_calibrate)
+
+    ev = subparsers.add_parser("eval", help="agreement, exit shares and compute saved per epsilon")
+    _common(ev)
+    ev.add_argument("--heads", required=True)
+    ev.add_argument("--prompts", action="append", required=True, help="prompt file (.txt lines or .jsonl turns[0])")
+    ev.add_argument("--text", action="append", default=[], help="text file for the perplexity check")
+    ev.add_argument("--text-tokens", type=int, default=8192)
+    ev.add_argument("--json", default=None, help="write the results here")
+    ev.set_defaults(func=run_eval)
+
+
+def _common(p):
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--max-tokens", type=int, default=128, help="longest generated reply")
+    p.add_argument("--batch", type=int, default=32, help="sequences generated at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cache", default=None, help="folder for replies and states (default: OUT/cache)")
+
+
+def _setup(args):
+    from server.model.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    return load_model(args.model, device=device)
+
+
+def _prompts(paths):
+    from calibration.data import read_prompts
+
+    prompts = [p for path in paths for p in read_prompts(path)]
+    if not prompts:
+        raise UsageError(f"no prompts in {', '.join(map(str, paths))}")
+    return prompts
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise UsageError(f"--layers takes comma-separated integers, got {text!r}") from None
+
+
+def run_fit(args):
+    from tqdm import tqdm
+
+    from calibration.data import data_hash, file_hash, generate_replies, text_samples
+    from calibration.fit import FitConfig, StateCache, collect_states, fit_gates, fit_heads
+    from server.model.exit_heads import AdapterSpec, ExitHeadSet
+
+    config = FitConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    spec = AdapterSpec(args.head_kind, args.head_rank)
+    loaded = _setup(args)
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else out / "cache"
+    prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "train.txt")]
+    layers = _layers(args.layers)
+    heads = ExitHeadSet.create(loaded.model, layers, spec, {"name": loaded.name, "fingerprint": loaded.fingerprint})
+    heads.to(loaded.model.lm_head.weight.device)
+
+    samples = generate_replies(loaded, _prompts(prompt_files), max_tokens=args.max_tokens,
+                               temperature=args.temperature, seed=args.seed,
+                               samples_per_prompt=args.samples_per_prompt, batch=args.batch,
+                               cache=cache / "fit_replies.jsonl") if prompt_files else []
+    reply_tokens = sum(len(s.counted) for s in samples)
+    for path in args.text:
+        budget = args.tokens - sum(len(s.counted) for s in samples)
+        if budget > 0:
+            samples += text_samples(path, loaded.tokenizer, max_tokens=budget)
+    states_path = cache / f"states-{data_hash(samples)}-{'-'.join(map(str, layers))}.pt"
+    if states_path.is_file():
+        states = StateCache.load(states_path)
+    else:
+        with tqdm(total=sum(len(s.counted) for s in samples), unit="tok", desc="frozen forward") as bar:
+            states = collect_states(loaded.model, samples, layers, top_k=args.top_k,
+                                    shard_dir=states_path.with_suffix(""), progress=bar)
+        states.save(states_path)
+    log.info("fitting on %d positions (%d from replies)", len(states), reply_tokens)
+    with tqdm(total=config.steps, unit="step", desc="fit heads") as bar:
+        history = fit_heads(heads, loaded.model.lm_head.weight, states, config, progress=bar)
+    gate_error = fit_gates(heads, loaded.model.lm_head.weight, states, seed=args.seed) if args.gate else None
+    heads.meta["fit"] = {
+        "loss": args.loss, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "top_k": args.top_k, "positions": len(states), "reply_positions": reply_tokens,
+        "prompts": {Path(p).name: file_hash(p) for p in prompt_files}, "text": {Path(t).name: file_hash(t) for t in args.text},
+        "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "max_tokens": args.max_tokens,
+        "data_hash": data_hash(samples), "final_loss": history[-1]["loss"] if history else None,
+        "gate_mean_abs_error": gate_error}
+    heads.save(out, torch.float16)
+    (out / "fit_history.json").write_text(json.dumps(history) + "\n")
+    print(f"fitted heads at layers {','.join(map(str, layers))} on {len(states)} positions: {out}")
+
+
+def run_calibrate(args):
+    from tqdm import tqdm
+
+    from calibration.calibrate import calibrate, head_features, metadata
+    from calibration.data import data_hash, file_hash, generate_replies
+    from calibration.evaluate import on_policy
+    from calibration.policies import POLICIES
+    from server.model.costs import CostModel
+    from server.model.exit_heads import ExitHeadSet
+
+    if args.policy not in POLICIES:
+        raise UsageError(f"unknown --policy {args.policy!r}; expected one of {', '.join(POLICIES)}")
+    epsilons = _epsilons(args.epsilon)
+    loaded = _setup(args)
+    heads = ExitHeadSet.load(args.heads, config=loaded.config, fingerprint=loaded.fingerprint)
+    heads.to(loaded.model.lm_head.weight.device).eval()
+    out = Path(args.out or args.heads)
+    cache = Path(args.cache) if args.cache else out / "cache"
+    prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "calib.txt")]
+    prompts = _prompts(prompt_files)
+    fit_prompts = set(heads.meta.get("fit", {}).get("prompts", {}).values())
+    overlap = fit_prompts & {file_hash(p) for p in prompt_files}
+    if overlap:
+        raise UsageError("the calibration prompts are the fitting prompts; calibrate on data kept out of fitting")
+    samples = generate_replies(loaded, prompts, max_tokens=args.max_tokens, batch=args.batch,
+                               cache=cache / "calib_replies.jsonl")
+    with tqdm(total=sum(len(s.counted) for s in samples), unit="tok", desc="head features") as bar:
+        hf = head_features(loaded.model, heads, samples, cosines=args.policy == "saturation", progress=bar)
+    cost_model = CostModel.from_config(loaded.config, head_kind=heads.meta["head_kind"],
+                                       adapter_rank=heads.meta.get("adapter_rank", 0))
+    options = dict(policy=args.policy, delta=args.delta, gates=args.gate, min_exits=args.min_exits)
+    working = {eps: eps for eps in epsilons}
+    entries = calibrate(heads, hf, cost_model, epsilons, working=working, **options)
+    check = prompts[:args.on_policy_prompts]
+    pending = list(epsilons)
+    for round_index in range(args.on_policy_rounds + 1):
+        heads.set_calibration(args.policy, entries, default_epsilon=_default(epsilons))
+        short = {}
+        for eps in pending:
+            if not heads.active_layers(eps):
+                entries[eps]["on_policy"] = {"exit_share": 0.0, "agreement": None, "note": "no active exits"}
+                continue
+            result = on_policy(loaded, heads, check, eps, max_tokens=args.max_tokens, batch=args.batch,
+                               cache=cache / "calib_on_policy.jsonl")
+            result.pop("samples")
+            entries[eps]["on_policy"] = result
+            log.info("eps %g (working %g): on-policy agreement %s over %d exits", eps, working[eps],
+                     result["agreement"], result["n_exited"])
+            if result["agreement"] is not None and result["agreement"] < eps:
+                short[eps] = eps - result["agreement"]
+        if not short or round_index == args.on_policy_rounds:
+            break
+        for eps, gap in short.items():
+            working[eps] = min(working[eps] + gap, 0.999)
+        pending = list(short)
+        tightened = calibrate(heads, hf, cost_model, list(short), working=working, **options)
+        entries.update(tightened)
+    for eps in epsilons:  # a check that still fails after the last round switches that epsilon off
+        live = entries[eps].get("on_policy", {})
+        if live.get("agreement") is not None and live["agreement"] < eps:
+            entries[eps]["thresholds"] = {k: math.inf for k in heads.layers}
+            entries[eps]["note"] = "switched off: on-policy agreement stayed below epsilon after tightening"
+    heads.set_calibration(args.policy, entries, default_epsilon=_default(epsilons), **metadata(
+        delta=args.delta, policy=args.policy, policy_params=get_params(args.policy), num_tokens=int(hf.correct.shape[1]),
+        num_prompts=len(prompts), data_hashes={
+            "calibration_replies": data_hash(samples), **{Path(p).name: file_hash(p) for p in prompt_files}},
+        extra={"gates": bool(args.gate and heads.has_gates), "on_policy_prompts": len(check),
+               "cost_model": {"head_flops": cost_model.head_flops, "gate_flops": cost_model.gate_flops,
+                              "layer_flops_at_context": cost_model.layer_flops(), "kv_fill_flops": cost_model.kv_fill_flops}}))
+    heads.save(out)
+    for eps in epsilons:
+        tf = entries[eps]["teacher_forced"]
+        live = entries[eps].get("on_policy", {})
+        print(f"eps {eps:g}: active {heads.active_layers(eps) or 'none'}, exit {tf['exit_fraction']:.3f}, "
+              f"agreement {tf['agreement']}, saved {tf['saved_fraction']:+.3f} (teacher-forced); "
+              f"on-policy agreement {live.get('agreement')}")
+    print(f"calibrated: {out / 'exits.json'}")
+
+
+def get_params(policy: str) -> dict:
+    from calibration.policies import get_policy
+
+    return get_policy(policy).params()
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = sorted({float(e) for e in text.split(",") if e.strip()})
+    except ValueError:
+        raise UsageError(f"--epsilon takes comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < e < 1 for e in values):
+        raise UsageError("every --epsilon must be in (0, 1)")
+    return values
+
+
+def _default(epsilons: list[float]) -> float:
+    return 0.95 if any(math.isclose(e, 0.95) for e in epsilons) else epsilons[len(epsilons) // 2]
+
+
+def run_eval(args):
+    from calibration.data import text_samples
+    from calibration.evaluate import evaluate, table, write
+    from server.model.costs import CostModel
+    from server.model.exit_heads import ExitHeadSet
+
+    loaded = _setup(args)
+    heads = ExitHeadSet.load(args.heads, config=loaded.config, fingerprint=loaded.fingerprint)
+    heads.to(loaded.model.lm_head.weight.device).eval()
+    if not heads.epsilons():
+        raise UsageError(f"{args.heads}: the head set is not calibrated; run offramp calibrate first")
+    cache = Path(args.cache) if args.cache else None
+    texts = [s for path in args.text for s in text_samples(path, loaded.tokenizer, max_tokens=args.text_tokens)]
+    cost_model = CostModel.from_config(loaded.config, head_kind=heads.meta["head_kind"],
+                                       adapter_rank=heads.meta.get("adapter_rank", 0))
+    results = evaluate(loaded, heads, _prompts(args.prompts), texts, cost_model, max_tokens=args.max_tokens,
+                       batch=args.batch, cache_dir=cache,
+                       progress=lambda eps, entry: log.info("eps %s done", eps))
+    print(table(results))
+    if args.json:
+        write(results, args.json)

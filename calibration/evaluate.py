@@ -1,0 +1,150 @@
+"""Evaluate a calibrated head set, per epsilon, on prompts (and text) kept out of fitting and calibration.
+
+- teacher-forced: the full model's greedy replies; at each decode position, where the head set
+  would exit (thresholds and gate cuts as calibrated) and whether that head's top-1 equals the
+  full model's; compute per token priced like the calibration (calibrate.execution).
+- on-policy: greedy early-exit generation through the serving engine; then the full model is
+  teacher-forced on that output, and an exited token agrees when it equals the full model's top-1
+  on the same prefix. Compute saved is the engine's own accounting (every head evaluation, KV
+  fill and layer it ran, against the same tokens at full depth).
+- perplexity on text: the next token's log-probability from the distribution that would produce
+  it (the exit head's where a token exits, else the full model's) against full depth.
+"""
+import json
+import math
+
+import numpy as np
+import torch
+
+from calibration.calibrate import execution, head_features, report
+from calibration.data import Sample, batches, generate_replies
+from calibration.policies import get_policy
+
+
+@torch.no_grad()
+def full_top1(model, samples: list[Sample], batch_tokens: int = 2048) -> list[np.ndarray]:
+    """Per sample, the full model's top-1 at each counted position (teacher-forced)."""
+    device = model.lm_head.weight.device
+    out: list[np.ndarray | None] = [None] * len(samples)
+    for group, ids, mask, counted in batches(samples, batch_tokens):
+        logits = model.forward(ids.to(device), mask.to(device))
+        top1 = logits.argmax(-1).cpu()
+        for row, i in enumerate(group):
+            out[i] = top1[row, counted[row]].numpy()
+    return out
+
+
+def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: int, batch: int = 32,
+              cache=None) -> dict:
+    """Greedy early-exit generation through the engine at epsilon, checked against the full model."""
+    samples = generate_replies(loaded, prompts, max_tokens=max_tokens, batch=batch, cache=cache, heads=heads,
+                               epsilon=epsilon)
+    labels = full_top1(loaded.model, samples)
+    num_layers = loaded.config.num_hidden_layers
+    exit_layer, agree = [], []
+    for sample, top1 in zip(samples, labels):
+        reply = sample.reply_ids
+        # decode row at counted position p produced reply token p - start + 1
+        exit_layer += sample.exit_layers[1:len(reply)]
+        agree += [int(t) == int(f) for t, f in zip(reply[1:], top1)]
+    exit_layer, agree = np.asarray(exit_layer, dtype=int), np.asarray(agree, dtype=bool)
+    exited = exit_layer < num_layers
+    spent = sum(s.decode_flops[0] for s in samples)
+    full = sum(s.decode_flops[1] for s in samples)
+    per_head = {}
+    for layer in heads.layers:
+        at = exit_layer == layer
+        per_head[str(layer)] = {"exit_share": float(at.mean()) if len(at) else 0.0, "n_exited": int(at.sum()),
+                                "agreement": float(agree[at].mean()) if at.any() else None}
+    return {"num_tokens": int(len(exit_layer)), "exit_share": float(exited.mean()) if len(exited) else 0.0,
+            "n_exited": int(exited.sum()), "agreement": float(agree[exited].mean()) if exited.any() else None,
+            "agreement_all_tokens": float(agree.mean()) if len(agree) else None, "heads": per_head,
+            "saved_fraction": 1 - spent / full if full else 0.0, "samples": samples}
+
+
+def exit_plan(heads, hf, epsilon):
+    """(kept head indices, their stats, thresholds, gate cuts) of the head set at epsilon, on features hf."""
+    thresholds, cuts = heads.thresholds(epsilon), heads.gate_cuts(epsilon)
+    kept = [i for i, k in enumerate(heads.layers) if math.isfinite(thresholds[k])]
+    stats = get_policy(heads.policy, heads.policy_params).statistic(hf.features.subset(kept)) if kept else None
+    return kept, stats, [thresholds[heads.layers[i]] for i in kept], [cuts[heads.layers[i]] for i in kept]
+
+
+def teacher_forced(heads, hf, cost_model, epsilon) -> dict:
+    kept, stats, thresholds, cuts = exit_plan(heads, hf, epsilon)
+    all_stats = np.zeros_like(hf.correct, dtype=float)
+    if kept:
+        all_stats[kept] = stats
+    layers = heads.layers
+    return report(all_stats, hf.correct, hf.gate, layers, [heads.thresholds(epsilon)[k] for k in layers],
+                  [heads.gate_cuts(epsilon)[k] for k in layers], cost_model, hf.context)
+
+
+def perplexity(heads, hf, cost_model, epsilon) -> dict:
+    """Perplexity of the early-exit predictions and of full depth, teacher-forced on text."""
+    kept, stats, thresholds, cuts = exit_plan(heads, hf, epsilon)
+    logprob_full = hf.next_logprob[-1]
+    if kept:
+        run = execution(stats, thresholds, hf.gate[kept], cuts, [heads.layers[i] for i in kept], cost_model, hf.context)
+        choices = np.vstack([hf.next_logprob[kept], logprob_full[None]])  # [len(kept) + 1, N]
+        logprob = choices[run["exit_index"], np.arange(len(logprob_full))]
+        exit_share = float((run["exit_index"] < len(kept)).mean())
+    else:
+        logprob, exit_share = logprob_full, 0.0
+    return {"num_tokens": int(len(logprob)), "exit_share": exit_share,
+            "perplexity_early_exit": float(np.exp(-logprob.mean())), "perplexity_full": float(np.exp(-logprob_full.mean()))}
+
+
+def evaluate(loaded, heads, prompts: list[str], texts: list[Sample], cost_model, *, max_tokens: int = 128,
+             batch: int = 32, cache_dir=None, progress=None) -> dict:
+    cosines = heads.policy == "saturation"
+    reference = generate_replies(loaded, prompts, max_tokens=max_tokens, batch=batch,
+                                 cache=cache_dir / "eval_full_depth.jsonl" if cache_dir else None)
+    hf = head_features(loaded.model, heads, reference, cosines=cosines)
+    hf_text = head_features(loaded.model, heads, texts, cosines=cosines) if texts else None
+    results = {"model": loaded.name, "num_prompts": len(prompts), "max_tokens": max_tokens, "policy": heads.policy,
+               "layers": heads.layers, "epsilons": {}}
+    for eps in heads.epsilons():
+        entry = {"active_layers": heads.active_layers(eps), "teacher_forced": teacher_forced(heads, hf, cost_model, eps)}
+        if entry["active_layers"]:
+            live = on_policy(loaded, heads, prompts, eps, max_tokens=max_tokens, batch=batch,
+                             cache=cache_dir / "eval_on_policy.jsonl" if cache_dir else None)
+            live.pop("samples")
+            entry["on_policy"] = live
+        else:
+            entry["on_policy"] = {"exit_share": 0.0, "agreement": None, "saved_fraction": 0.0, "heads": {},
+                                  "note": "no active exits at this epsilon: every token runs at full depth"}
+        if hf_text is not None:
+            entry["perplexity"] = perplexity(heads, hf_text, cost_model, eps)
+        results["epsilons"][f"{eps:g}"] = entry
+        if progress is not None:
+            progress(f"{eps:g}", entry)
+    return results
+
+
+def table(results: dict) -> str:
+    """Markdown table: one row per epsilon and head, then the totals."""
+    lines = ["| eps | layer | kept | TF exit share | TF agreement | on-policy exit share | on-policy agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for eps, entry in results["epsilons"].items():
+        tf, live = entry["teacher_forced"], entry["on_policy"]
+        for head in tf["heads"]:
+            lh = live["heads"].get(str(head["layer"]), {})
+            lines.append(f"| {eps} | {head['layer']} | {'yes' if head['kept'] else 'no'} | {fmt(head.get('exit_rate'))} "
+                         f"| {fmt(head.get('agreement'))} | {fmt(lh.get('exit_share'))} | {fmt(lh.get('agreement'))} |")
+        lines.append(f"| {eps} | all | | {fmt(tf['exit_fraction'])} | {fmt(tf['agreement'])} "
+                     f"| {fmt(live['exit_share'])} | {fmt(live['agreement'])} |")
+    lines += ["", "| eps | saved (teacher-forced, calibrated costs) | saved (on-policy, engine accounting) "
+              "| ppl early exit | ppl full |", "| --- | --- | --- | --- | --- |"]
+    for eps, entry in results["epsilons"].items():
+        ppl = entry.get("perplexity", {})
+        lines.append(f"| {eps} | {entry['teacher_forced']['saved_fraction']:+.3f} | {entry['on_policy']['saved_fraction']:+.3f} "
+                     f"| {fmt(ppl.get('perplexity_early_exit'))} | {fmt(ppl.get('perplexity_full'))} |")
+    return "\n".join(lines)
+
+
+def write(results: dict, path) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
