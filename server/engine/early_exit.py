@@ -8,17 +8,19 @@ Invariants, at every point of `forward`:
   live        original row ids of the rows still running, ascending (so decode rows come first);
               `hidden` [n_live, d], `positions` [n_live] and `store` hold exactly these rows.
   num_decode  how many of the live rows are decode rows (live[:num_decode] < D).
-  left_*      rows that have left: the hidden state they left with, their positions and pool slots.
-              Before each layer runs, its K/V for all of them is computed from that hidden state
-              (input norm, k/v projections, RoPE) and written to the pool, one batched call per
-              layer: deeper layers of later steps attend to these tokens as if they had run.
+  left        rows that have left: the hidden state they left with, their positions and pool slots.
+              Before each deeper layer runs, its K/V for all of them is computed from that hidden
+              state (input norm, k/v projections, RoPE) and written to the pool, one batched call
+              per layer, so later tokens attend to them as if they had run every layer.
+  policy_state  per live decode row, the memory of a stateful exit policy (None for margin).
 
 At exit layer k: decode rows with a finite threshold at k ask the exit kernel (rows with
 early_exit off carry +inf everywhere and are never asked); rows whose decision says exit leave
-with the kernel's token. Prefill rows whose recorded depth is k leave too: a recomputed token goes
-exactly as deep as it went the first time, so recomputation reproduces the cache. After the last
-layer the live decode rows, and the prefill rows that yield a first token, take the final norm
-and LM head; their logits go to the sampler.
+with the kernel's token (a token that min_tokens forbids keeps the row going). Prefill rows whose
+recorded depth is k leave too: a recomputed token goes exactly as deep as it went the first time,
+so recomputing a preempted sequence reproduces its cache. After the last layer the live decode
+rows, and the prefill rows that yield a first token, take the final norm and LM head; their
+logits go to the sampler.
 """
 from dataclasses import dataclass, field
 
@@ -147,7 +149,8 @@ def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy
     if decision.top_tokens is not None:
         for i in exits.nonzero()[:, 0].tolist():
             n = int(controls.num_logprobs[i])
-            result.head_top[int(asked[i])] = (decision.top_tokens[i, :n].tolist(), decision.top_logprobs[i, :n].tolist())
+            top = (decision.top_tokens[i, :n].tolist(), decision.top_logprobs[i, :n].tolist())
+            result.head_top[int(asked[i])] = top
     leave = torch.zeros(len(rows), dtype=torch.bool)
     leave[position[exits]] = True
     return leave

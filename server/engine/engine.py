@@ -86,10 +86,11 @@ class LLMEngine:
                 raise SamplingParamsError("exit_epsilon", "exit_epsilon was given but this server has no exit heads")
             return []
         epsilons = heads.epsilons()
-        if params.exit_epsilon is not None and not any(math.isclose(params.exit_epsilon, e, abs_tol=1e-9) for e in epsilons):
-            raise SamplingParamsError("exit_epsilon", f"exit_epsilon {params.exit_epsilon:g} is not calibrated; "
+        eps = params.exit_epsilon
+        if eps is not None and not any(math.isclose(eps, e, abs_tol=1e-9) for e in epsilons):
+            raise SamplingParamsError("exit_epsilon", f"exit_epsilon {eps:g} is not calibrated; "
                                       f"choose one of {', '.join(f'{e:g}' for e in epsilons) or '(none)'}")
-        eps = params.exit_epsilon if params.exit_epsilon is not None else heads.default_epsilon
+        eps = eps if eps is not None else heads.default_epsilon
         if not params.early_exit or eps is None:
             return [math.inf] * len(heads.layers)
         thresholds = heads.thresholds(eps)

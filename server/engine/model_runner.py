@@ -76,7 +76,7 @@ class ModelRunner:
                                   self.pool.block_size, self.device)
         controls = self._controls(decode + prefill, [True] * len(decode) + first_token)
         plan = early_exit.ExitPlan(
-            thresholds=torch.tensor([s.thresholds for s in decode], dtype=torch.float32).view(len(decode), self.num_heads),
+            thresholds=torch.tensor([s.thresholds for s in decode]).float().view(len(decode), self.num_heads),
             controls=controls.rows(torch.arange(len(decode))), prefill_depths=torch.tensor(depths, dtype=torch.long),
             needs_logits=torch.tensor(needs_logits, dtype=torch.bool))
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)

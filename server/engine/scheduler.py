@@ -49,14 +49,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         for seq in list(self.running):
-            if seq.status == SequenceStatus.RUNNING and not seq.is_prefilling and self._make_room(seq, seq.num_tokens, batch):
+            decoding = seq.status == SequenceStatus.RUNNING and not seq.is_prefilling
+            if decoding and self._make_room(seq, seq.num_tokens, batch):
                 self.block_manager.allocate(seq, seq.num_tokens)
                 batch.decode_seqs.append(seq)
         budget = self.max_num_batched_tokens - len(batch.decode_seqs)
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.status == SequenceStatus.RUNNING and seq.is_prefilling and self._make_room(seq, seq.num_computed_tokens + 1, batch):
+            prefilling = seq.status == SequenceStatus.RUNNING and seq.is_prefilling
+            if prefilling and self._make_room(seq, seq.num_computed_tokens + 1, batch):
                 budget -= self._schedule_chunk(seq, budget, batch)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.num_preemptions:
             seq = self.waiting[0]

@@ -45,7 +45,8 @@ def test_abort_mid_generation_frees_blocks(make_engine):
     engine = make_engine()
     prompts = random_prompts([30, 10, 50], seed=6)
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True, n=2 if i else 1))
+        params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True, n=2 if i else 1)
+        engine.add_request(str(i), prompt, params)
     for _ in range(5):
         engine.step()
     assert engine.block_manager.num_used_blocks > 0

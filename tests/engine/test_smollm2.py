@@ -8,8 +8,7 @@ from server.engine.sampling_params import SamplingParams
 from server.model.generate import generate as reference_generate
 from tests.engine.helpers import run_staggered
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
-             "Explain in two sentences why the sky is blue, for a child.", "List three prime numbers.",
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
              "Give me a short recipe for pancakes with a list of ingredients and numbered steps."]
 
 
@@ -19,10 +18,11 @@ def test_engine_equals_reference_generate_on_smollm2(smollm2):
     tokenizer = smollm2.tokenizer
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     prompts[-1] = prompts[-1] * 3  # a long prompt, prefilled in chunks
-    engine = LLMEngine(smollm2.model, tokenizer, EngineConfig(max_num_seqs=8, max_num_batched_tokens=96), None)
-    params = SamplingParams(max_tokens=32, temperature=0, early_exit=False)
-    final = run_staggered(engine, prompts, params, arrivals=[0, 0, 2, 5, 9])
+    config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=96, max_model_len=1024)
+    engine = LLMEngine(smollm2.model, tokenizer, config, None)
+    params = SamplingParams(max_tokens=24, temperature=0, early_exit=False)
+    final = run_staggered(engine, prompts, params, arrivals=[0, 2, 5, 9])
     for i, prompt in enumerate(prompts):
-        expected = reference_generate(smollm2.model, prompt, 32, eos_token_ids=tokenizer.eos_token_ids)
+        expected = reference_generate(smollm2.model, prompt, 24, eos_token_ids=tokenizer.eos_token_ids)
         assert final[str(i)].outputs[0].token_ids == expected.token_ids, i
     assert engine.block_manager.num_used_blocks == 0
