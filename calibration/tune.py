@@ -135,9 +135,9 @@ def run_backbone(model, input_ids, attention_mask, keep_layers, dropout=None, ge
             skip = torch.rand(batch, generator=generator) < dropout[i]  # [B]
             if not skip.all():
                 rows = skip.to(hidden.device).repeat_interleave(length)[:, None]  # [B*T, 1]
-                hidden = torch.where(rows, hidden, layer(hidden, positions, store))
+                hidden = torch.where(rows, hidden, model.run_layers(hidden, positions, i, i + 1, store))
         else:
-            hidden = layer(hidden, positions, store)
+            hidden = model.run_layers(hidden, positions, i, i + 1, store)
         if i + 1 in keep_layers:
             states[i + 1] = hidden
     return states
@@ -162,7 +162,8 @@ class Tuner:
         elif config.method_kind == "full":
             if teacher is None:
                 raise ValueError("full tuning needs a frozen copy of the original model as teacher")
-            backbone = [p for n, p in model.named_parameters() if n.startswith("model.layers.") or n == "model.norm.weight"]
+            backbone = [p for n, p in model.named_parameters()
+                        if n.startswith("model.layers.") or n == "model.norm.weight"]
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in backbone:
@@ -291,19 +292,18 @@ class Tuner:
 
 
 @torch.no_grad()
-def exit_features(model, heads: ExitHeadSet, sequences, reference_logits):
-    """Teacher-forced exit statistics on token sequences, judged against the original model.
+def exit_features(model, heads: ExitHeadSet, samples, reference_logits):
+    """Teacher-forced exit statistics on calibration.data Samples, judged against the original model.
 
-    sequences: (token ids, first scored position) pairs; position t scores the prediction of token
-    t + 1, from the first scored position to the second-to-last token (a reply's tokens).
+    Each sample's counted positions are scored (for a reply: the rows a decode step runs).
     reference_logits(ids [1, T]) -> [T, V] logits of the ORIGINAL model.
     Returns margin [H, N] (p1 - p2 of each head's softmax, what the exit kernel compares with the
     threshold) and correct [H, N] (the head's top-1 is the original model's top-1)."""
     margins, correct = [[] for _ in heads.layers], [[] for _ in heads.layers]
     lm_head = model.lm_head.weight
-    for ids, start in sequences:
-        input_ids = torch.tensor([ids], device=lm_head.device)
-        scored = slice(max(start - 1, 0), len(ids) - 1)
+    for sample in samples:
+        input_ids = torch.tensor([sample.token_ids], device=lm_head.device)
+        scored = slice(sample.counted.start, sample.counted.stop)
         target = reference_logits(input_ids)[scored].argmax(-1)  # [n]
         states = run_backbone(model, input_ids, torch.ones_like(input_ids), set(heads.layers))
         for i, k in enumerate(heads.layers):

@@ -1,7 +1,7 @@
 """`offramp tune`: depth-tune a model and its exit heads (calibration/tune.py), resumably.
 
-Data is streamed: the model's own replies to prompt files (generated once at full depth with the
-engine, cached in OUT/replies.jsonl) and text files read block by block, interleaved document by
+Data is streamed: the model's own replies to prompt files (calibration/data.py: generated once at
+full depth with the engine, cached in OUT/replies.jsonl) and text files read block by block, interleaved document by
 document, cut into rows of at most --seq-len tokens. Every --checkpoint-every steps the trainable
 state, the optimiser and the data position go to OUT/checkpoint.pt; running the same command
 again resumes from there. At the end OUT holds delta.json + delta.safetensors (LoRA or full
@@ -13,8 +13,6 @@ import logging
 import random
 from itertools import islice
 from pathlib import Path
-
-import torch
 
 from server.cli import DEFAULT_MODEL, UsageError
 
@@ -61,43 +59,6 @@ def register(subparsers):
     p.set_defaults(func=run_tune)
 
 
-def read_prompts(path) -> list[str]:
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def generate_replies(loaded, prompts: list[str], cache: Path, max_tokens: int, temperature: float,
-                     seed: int, batch: int = 16) -> list[tuple[list[int], int]]:
-    """Per prompt, (chat-templated prompt + the original model's reply, prompt length); cached as JSON lines."""
-    from server.engine.config import EngineConfig
-    from server.engine.engine import LLMEngine
-    from server.engine.sampling_params import SamplingParams
-
-    tokenizer = loaded.tokenizer
-    done = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            entry = json.loads(line)
-            done[entry["prompt"]] = entry["tokens"], entry["prompt_len"]
-    missing = [p for p in prompts if p not in done]
-    if missing:
-        engine = LLMEngine(loaded.model, tokenizer, EngineConfig(model=loaded.name, heads=None, max_num_seqs=batch),
-                           heads=None)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with cache.open("a") as f:
-            for start in range(0, len(missing), batch):
-                chunk = missing[start:start + batch]
-                ids = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]))
-                       for p in chunk]
-                params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed * 1_000_003 + i)
-                          for i in range(start, start + len(chunk))]
-                for prompt, prompt_ids, out in zip(chunk, ids, engine.generate(ids, params)):
-                    done[prompt] = prompt_ids + out.outputs[0].token_ids, len(prompt_ids)
-                    f.write(json.dumps({"prompt": prompt, "tokens": done[prompt][0], "prompt_len": len(prompt_ids)})
-                            + "\n")
-                log.info("replies: %d / %d generated", start + len(chunk), len(missing))
-    return [done[p] for p in prompts]
-
-
 def text_documents(path, tokenizer, block_chars: int):
     """Token ids of successive blocks of about block_chars characters, cut at line ends."""
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -140,6 +101,8 @@ def documents(replies: list[list[int]], texts: list[str], tokenizer, block_chars
 
 def batches(docs, seq_len: int, batch_size: int):
     """(input_ids [B, T], attention_mask [B, T]) with each row one document piece, right-padded."""
+    import torch
+
     rows = []
     for doc in docs:
         for start in range(0, len(doc), seq_len):
@@ -178,8 +141,10 @@ def initial_heads(loaded, heads_dir, layers, head_kind, head_rank=0):
 
 
 def run_tune(args):
+    import torch
     from tqdm import tqdm
 
+    from calibration.data import generate_replies, read_prompts
     from calibration.tune import Tuner, TuneConfig
     from server.model.loader import load_model
 
@@ -201,12 +166,13 @@ def run_tune(args):
     config.layers = heads.layers
     base = {"name": loaded.name, "fingerprint": loaded.fingerprint}
     prompts = [p for path in prompt_files for p in read_prompts(path)]
-    replies = [ids for ids, _ in generate_replies(loaded, prompts, out / "replies.jsonl", args.reply_tokens,
-                                                  args.reply_temperature, args.seed)] if prompts else []
+    replies = [s.token_ids for s in generate_replies(
+        loaded, prompts, max_tokens=args.reply_tokens, temperature=args.reply_temperature, seed=args.seed,
+        cache=out / "replies.jsonl")] if prompts else []
     calib = None
     if args.calib_prompts != "none":
-        calib = generate_replies(loaded, read_prompts(args.calib_prompts), out / "calib_replies.jsonl",
-                                 args.calib_reply_tokens, 0.0, args.seed)
+        calib = generate_replies(loaded, read_prompts(args.calib_prompts), max_tokens=args.calib_reply_tokens,
+                                 cache=out / "replies.jsonl")
     teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False) if config.method_kind == "full" else None
     tuner = Tuner(loaded.model, heads, config, teacher)
     checkpoint = out / "checkpoint.pt"
@@ -261,6 +227,8 @@ def calibrate(tuner, sequences, epsilons, delta) -> None:
 
 
 def save_checkpoint(tuner, path: Path) -> None:
+    import torch
+
     tmp = path.with_suffix(".tmp")
     torch.save(tuner.state_dict(), tmp)
     tmp.replace(path)  # atomic: a run killed while saving keeps the previous checkpoint

@@ -74,7 +74,8 @@ def test_saved_loaded_merged_delta_matches_unmerged_logits(tiny_dir, tmp_path):
     unmerged = loaded.model(ids)
     manifest = save_delta(tmp_path, lora_state(loaded.model), {"kind": "lora", "base_model": base, "rank": 4,
                                                                 "alpha": 8.0})
-    heads = ExitHeadSet.create(loaded.model, [2], AdapterSpec("norm"), {**base, "fingerprint": manifest["tuned_fingerprint"]})
+    tuned = {**base, "fingerprint": manifest["tuned_fingerprint"]}
+    heads = ExitHeadSet.create(loaded.model, [2], AdapterSpec("norm"), tuned)
     heads.meta["tune"] = {"delta_dir": ".."}
     heads.save(tmp_path / "heads")
 

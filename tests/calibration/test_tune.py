@@ -155,7 +155,8 @@ def tune(argv) -> None:
 
 def tune_args(tiny_dir, out, text, *extra):
     return ["tune", "--model", str(tiny_dir), "--layers", "2,4", "--text", str(text), "--prompts", str(text),
-            "--reply-tokens", "8", "--calib-prompts", str(text), "--calib-reply-tokens", "8", "--seq-len", "32", "--batch-size", "4", "--checkpoint-every", "2",
+            "--reply-tokens", "8", "--calib-prompts", str(text), "--calib-reply-tokens", "8", "--seq-len", "32",
+            "--batch-size", "4", "--checkpoint-every", "2",
             "--lr", "1e-3", "--out", str(out), *extra]
 
 
@@ -173,7 +174,7 @@ def test_tune_command_writes_a_servable_delta_and_resumes(tiny_dir, tmp_path, ca
     tune(args)
     assert "of decode compute saved" in capsys.readouterr().out
     replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in replies] == ["what is the capital of france", "hello world"]
+    assert len(replies) == 4  # two prompts, sampled for training and greedy for calibration
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))
     manifest = json.loads((out / "delta.json").read_text())
@@ -198,6 +199,7 @@ def test_tune_command_writes_a_servable_delta_and_resumes(tiny_dir, tmp_path, ca
 
 
 def test_agreement_is_counted_against_the_original_model_not_the_tuned_one(tiny_dir):
+    from calibration.data import Sample
     from calibration.tune import exit_features
 
     tuner, train, held_out = tiny_tuner(tiny_dir, "none")
@@ -206,11 +208,38 @@ def test_agreement_is_counted_against_the_original_model_not_the_tuned_one(tiny_
     original = load_model(str(tiny_dir)).model
     ids = torch.tensor([held_out[0] + held_out[1]])
     assert torch.allclose(tuner.reference_logits(ids), original(ids)[0], atol=1e-5)
-    sequences = [(held_out[0] + held_out[1], 3)]
-    margins, correct = exit_features(tuner.model, tuner.heads, sequences, lambda x: original(x)[0])
-    n = len(sequences[0][0]) - 3
+    sample = Sample(held_out[0] + held_out[1], 3)
+    margins, correct = exit_features(tuner.model, tuner.heads, [sample], lambda x: original(x)[0])
+    n = len(sample.token_ids) - 4
     assert margins.shape == correct.shape == (2, n) and ((margins >= 0) & (margins <= 1)).all()
     tuner.model.eval()
     states = run_backbone(tuner.model, ids, torch.ones_like(ids), {4})
-    head_top1 = tuner.heads.head(4).logits(states[4][2:-1], tuner.model.lm_head.weight).argmax(-1)
-    assert (correct[1] == (head_top1 == original(ids)[0, 2:-1].argmax(-1)).numpy()).all()
+    head_top1 = tuner.heads.head(4).logits(states[4][3:-1], tuner.model.lm_head.weight).argmax(-1)
+    assert (correct[1] == (head_top1 == original(ids)[0, 3:-1].argmax(-1)).numpy()).all()
+
+
+def test_full_tuning_trains_every_layer_against_a_frozen_copy_and_its_weights_serve(tiny_dir, tmp_path):
+    import copy
+
+    from calibration.lora import apply_tune, save_delta
+
+    loaded = load_model(str(tiny_dir))
+    heads = ExitHeadSet.create(loaded.model, [3], AdapterSpec("norm"), {"name": loaded.name,
+                                                                        "fingerprint": loaded.fingerprint})
+    teacher = copy.deepcopy(loaded.model).requires_grad_(False)
+    tuner = Tuner(loaded.model, heads, TuneConfig(layers=[3], method="full", tokens=10**6, lr=1e-3, warmup_tokens=1),
+                  teacher)
+    docs = [loaded.tokenizer.encode(line) for line in _corpus()[:40]]
+    for ids, mask in itertools.islice(batches(itertools.cycle(docs), 32, 4), 3):
+        tuner.train_step(ids, mask)
+    state = tuner.backbone_state()
+    assert "model.layers.0.self_attn.q_proj.weight" in state and "model.embed_tokens.weight" not in state
+    ids = torch.tensor([docs[0]])
+    original = load_model(str(tiny_dir)).model
+    assert torch.allclose(tuner.reference_logits(ids), original(ids)[0], atol=1e-5)
+    tuned_logits = loaded.model(ids)
+    assert (tuned_logits - original(ids)).abs().max() > 1e-4
+    save_delta(tmp_path, state, {"kind": "full", "base_model": {"name": loaded.name, "fingerprint": loaded.fingerprint}})
+    fresh = load_model(str(tiny_dir))
+    apply_tune(fresh, tmp_path)
+    assert torch.allclose(fresh.model(ids), tuned_logits, atol=1e-5)
