@@ -24,8 +24,9 @@ FORMAT = "offramp-delta/1"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class TuneError(Exception):
-    """A tune folder that cannot be applied: missing, malformed, or made for another model."""
+class TuneError(ValueError):
+    """A tune folder that cannot be applied: missing, malformed, or made for another model (a ValueError,
+    so the CLI reports it in one line)."""
 
 
 class LoRALinear(nn.Module):
