@@ -147,6 +147,11 @@ def run_engine(engine, prompts, params, measure_overhead=False) -> dict:
     }
 
 
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,6 +175,7 @@ def main(argv=None):
     parser.add_argument("--baseline-requests", type=int, default=4,
                         help="requests run through transformers.generate one at a time (0 = skip)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating repeats; medians are reported")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -188,24 +194,33 @@ def main(argv=None):
         heads_label = f"{args.heads} (policy {heads.policy}, layers {heads.layers})"
     engine = LLMEngine(loaded.model, tokenizer, config, heads)
     results = {"model": loaded.name, "device": str(config.torch_device), "dtype": str(config.torch_dtype),
-               "threads": args.threads, "max_tokens": args.max_tokens, "heads": heads_label, "runs": {}}
+               "threads": args.threads, "max_tokens": args.max_tokens, "heads": heads_label}
 
     run_engine(engine, prompts[:4], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
-    for batch in args.batch_sizes:
-        batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
-        for early_exit in (False, True):
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True, early_exit=early_exit)
-            key = f"batch{batch}-exit-{'on' if early_exit else 'off'}"
-            results["runs"][key] = run_engine(engine, batch_prompts, params)
-            results["runs"][key]["overhead_share"] = run_engine(
-                engine, batch_prompts, SamplingParams(**{**vars(params), "max_tokens": 16}), measure_overhead=True
-            )["overhead_share"]
-            print(key, json.dumps(results["runs"][key]), flush=True)
-    if args.baseline_requests:
-        hf = build_hf_model(loaded)
+    hf = build_hf_model(loaded) if args.baseline_requests else None
+    if hf is not None:
         hf_tokens_per_second(hf, prompts[:1], 8)  # warm-up
-        results["hf_generate_tok_s"] = hf_tokens_per_second(hf, prompts[:args.baseline_requests], args.max_tokens)
-        print("hf_generate_tok_s", results["hf_generate_tok_s"], flush=True)
+    runs, hf_rates = {}, []
+    for _ in range(args.repeats):  # variants alternate, so a noisy neighbour hurts them alike
+        for batch in args.batch_sizes:
+            batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
+            for early_exit in (False, True):
+                params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True,
+                                        early_exit=early_exit)
+                run = run_engine(engine, batch_prompts, params)
+                short = SamplingParams(**{**vars(params), "max_tokens": min(16, args.max_tokens)})
+                timed = run_engine(engine, batch_prompts, short, measure_overhead=True)
+                run["overhead_share"] = timed["overhead_share"]
+                key = f"batch{batch}-exit-{'on' if early_exit else 'off'}"
+                runs.setdefault(key, []).append(run)
+                print(key, json.dumps(run), flush=True)
+        if hf is not None:
+            hf_rates.append(hf_tokens_per_second(hf, prompts[:args.baseline_requests], args.max_tokens))
+            print("hf_generate_tok_s", hf_rates[-1], flush=True)
+    results["runs"] = {key: {name: _median([run[name] for run in repeats]) for name in repeats[0]}
+                       for key, repeats in runs.items()}
+    if hf_rates:
+        results["hf_generate_tok_s"] = statistics.median(hf_rates)
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:

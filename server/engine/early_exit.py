@@ -129,7 +129,7 @@ def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy
         adapter=head.adapted if head.adapter is not None else None,
         top_k=controls.top_k if bool((controls.top_k > 0).any()) else None,
         top_p=controls.top_p if bool((controls.top_p < 1).any()) else None,
-        num_logprobs=controls.num_logprobs if bool(logprob_rows.any()) else None)
+        num_logprobs=controls.num_logprobs.clamp(min=0) if bool(logprob_rows.any()) else None)
     if policy is None:
         exits = decision.exit.cpu()
     else:  # decide on the asked subset; rows not asked keep their memory unchanged

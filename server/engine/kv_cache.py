@@ -35,8 +35,11 @@ class KVPool:
 
     def gather(self, layer: int, block_tables: torch.Tensor):
         """block_tables [B, nb] -> keys, values [B, Hkv, nb * block_size, Dh]."""
-        k = self.k[layer][block_tables].flatten(1, 2).transpose(1, 2)
-        v = self.v[layer][block_tables].flatten(1, 2).transpose(1, 2)
+        # index_select copies whole blocks (block_size * Hkv * Dh contiguous values) at a time: several
+        # times faster on the CPU than advanced indexing with the 2-D table
+        shape = (*block_tables.shape[:1], -1, *self.k.shape[3:])
+        k = self.k[layer].index_select(0, block_tables.flatten()).view(shape).transpose(1, 2)
+        v = self.v[layer].index_select(0, block_tables.flatten()).view(shape).transpose(1, 2)
         return k, v
 
 

@@ -101,7 +101,7 @@ class ModelRunner:
             top_k=torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.long),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
             seeds=torch.tensor(seeds, dtype=torch.long),
-            num_logprobs=torch.tensor([p.logprobs or 0 for p in params], dtype=torch.long),
+            num_logprobs=torch.tensor([-1 if p.logprobs is None else p.logprobs for p in params], dtype=torch.long),
             suppressed=[s.suppressed_token_ids(self.eos_token_ids) for s in seqs])
 
     def _collect(self, seqs, num_decode, result, final_seq, final_tokens, final, forward_seconds) -> StepOutput:

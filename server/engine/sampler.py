@@ -19,7 +19,7 @@ class SamplingTensors:
     top_k: torch.Tensor  # [R] int64, 0 = off
     top_p: torch.Tensor  # [R] f32, 1 = off
     seeds: torch.Tensor  # [R] int64
-    num_logprobs: torch.Tensor  # [R] int64, top alternatives to report (0 = none)
+    num_logprobs: torch.Tensor  # [R] int64, top alternatives to report; 0 = only the chosen token's; -1 = no logprobs
     suppressed: list[list[int]]  # per row, token ids that may not be chosen (EOS before min_tokens)
 
     @property
@@ -65,7 +65,6 @@ def sample(logits: torch.Tensor, controls: SamplingTensors) -> SamplerOutput:
     for row, banned in enumerate(controls.suppressed):
         if banned:
             logits[row, banned] = float("-inf")
-    logprobs = logits.log_softmax(-1)  # [R, V]
     token = logits.argmax(-1)
     if not controls.all_greedy:
         rows = (controls.temperature > 0).nonzero()[:, 0]
@@ -74,8 +73,12 @@ def sample(logits: torch.Tensor, controls: SamplingTensors) -> SamplerOutput:
         scaled = filter_top_k_top_p(scaled, controls.top_k[rows], controls.top_p[rows])
         noise = gumbel_noise(controls.seeds[rows].to(logits.device), logits.shape[1])
         token[device_rows] = (scaled + noise).argmax(-1)
-    out = SamplerOutput(token, logprobs.gather(-1, token[:, None])[:, 0])
-    n = int(controls.num_logprobs.max()) if len(controls.num_logprobs) else 0
+    out = SamplerOutput(token, torch.zeros(len(token)))
+    if not bool((controls.num_logprobs >= 0).any()):
+        return out
+    logprobs = logits.log_softmax(-1)  # [R, V]
+    out.logprob = logprobs.gather(-1, token[:, None])[:, 0]
+    n = int(controls.num_logprobs.max())
     if n > 0:
         values, tokens = logprobs.topk(n, dim=-1)
         keep = (torch.arange(n)[None, :] < controls.num_logprobs[:, None]).to(logits.device)

@@ -9,7 +9,7 @@ from server.engine.sampling_params import SamplingParams
 from tests.engine.helpers import random_prompts
 
 
-def controls(rows, temperature=1.0, top_k=0, top_p=1.0, seed=0, num_logprobs=0, suppressed=None):
+def controls(rows, temperature=1.0, top_k=0, top_p=1.0, seed=0, num_logprobs=-1, suppressed=None):
     full = lambda value, dtype: torch.full((rows,), value, dtype=dtype)
     seeds = torch.arange(rows, dtype=torch.long) + seed
     return SamplingTensors(full(temperature, torch.float32), full(top_k, torch.long), full(top_p, torch.float32),
