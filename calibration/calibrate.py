@@ -185,29 +185,36 @@ def _finite(value):
 def calibrate(heads, hf: HeadFeatures, cost_model: CostModel, epsilons, *, policy: str = "margin",
               policy_params: dict | None = None, delta=None, gates: bool = True, min_exits: int = 30,
               working: dict | None = None) -> dict[float, dict]:
-    """Thresholds and gate cuts per epsilon (entries for ExitHeadSet.set_calibration).
-    working: epsilon -> the stricter epsilon to select at (on-policy tightening)."""
+    """Per epsilon, the plain plan (every reached head evaluated) and, when the heads have gates,
+    the gated plan; entries for ExitHeadSet.set_calibration. working: epsilon -> the stricter
+    epsilon to select at (on-policy tightening)."""
     rule = get_policy(policy, policy_params)
     stat_fn = lambda subset: rule.statistic(hf.features.subset(subset))
     all_stats = stat_fn(range(len(heads.layers)))
-    recalls = GATE_RECALLS if gates and heads.has_gates else (1.0,)
     entries = {}
     for eps in epsilons:
         target = (working or {}).get(eps, eps)
-        best = select(stat_fn, hf.correct, hf.gate, heads.layers, cost_model, target, delta, context=hf.context,
-                      recalls=recalls, min_exits=min_exits)
-        kept = len(best["subset"]) or 1
-        delta_head = None if best["delta_per_setting"] is None else best["delta_per_setting"] / kept
-        full_stats = all_stats.copy()
-        if best["subset"]:
-            full_stats[best["subset"]] = stat_fn(best["subset"])  # stateful policies see only the kept heads
-        entries[eps] = {
-            "thresholds": dict(zip(heads.layers, best["thresholds"])),
-            "gate_cuts": dict(zip(heads.layers, best["gate_cuts"])),
-            "working_epsilon": target, "gate_recall": best["recall"],
-            "teacher_forced": report(full_stats, hf.correct, hf.gate, heads.layers, best["thresholds"],
-                                     best["gate_cuts"], cost_model, hf.context, delta_head),
-        }
+        plans = [select(stat_fn, hf.correct, hf.gate, heads.layers, cost_model, target, delta, context=hf.context,
+                        recalls=(1.0,), min_exits=min_exits)]
+        if gates and heads.has_gates:
+            plans.append(select(stat_fn, hf.correct, hf.gate, heads.layers, cost_model, target, delta,
+                                context=hf.context, recalls=GATE_RECALLS, min_exits=min_exits))
+        stored = []
+        for best in plans:
+            kept = len(best["subset"]) or 1
+            delta_head = None if best["delta_per_setting"] is None else best["delta_per_setting"] / kept
+            full_stats = all_stats.copy()
+            if best["subset"]:
+                full_stats[best["subset"]] = stat_fn(best["subset"])  # stateful policies see only the kept heads
+            stored.append({"thresholds": dict(zip(heads.layers, best["thresholds"])),
+                           "gate_cuts": dict(zip(heads.layers, best["gate_cuts"])), "gate_recall": best["recall"],
+                           "teacher_forced": report(full_stats, hf.correct, hf.gate, heads.layers, best["thresholds"],
+                                                    best["gate_cuts"], cost_model, hf.context, delta_head)})
+        entry = {"working_epsilon": target, **stored[0]}
+        del entry["gate_cuts"], entry["gate_recall"]
+        if len(stored) > 1:
+            entry["gated"] = stored[1]
+        entries[eps] = entry
     return entries
 
 

@@ -75,7 +75,8 @@ def _common(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--cache", default=None, help="folder for replies and states (default: OUT/cache)")
+    p.add_argument("--cache", default=None,
+                   help="folder for replies and states (default: OUT/cache for fit-heads, HEADS/cache for calibrate)")
 
 
 def _setup(args):
@@ -171,7 +172,7 @@ def run_calibrate(args):
     heads = ExitHeadSet.load(args.heads, config=loaded.config, fingerprint=loaded.fingerprint)
     heads.to(loaded.model.lm_head.weight.device).eval()
     out = Path(args.out or args.heads)
-    cache = Path(args.cache) if args.cache else out / "cache"
+    cache = Path(args.cache) if args.cache else Path(args.heads) / "cache"  # beside the fitted set, not the output
     prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "calib.txt")]
     prompts = _prompts(prompt_files)
     fit_prompts = set(heads.meta.get("fit", {}).get("prompts", {}).values())

@@ -62,26 +62,29 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
             "saved_fraction": 1 - spent / full if full else 0.0, "samples": samples}
 
 
-def exit_plan(heads, hf, epsilon):
-    """(kept head indices, their stats, thresholds, gate cuts) of the head set at epsilon, on features hf."""
-    thresholds, cuts = heads.thresholds(epsilon), heads.gate_cuts(epsilon)
+def exit_plan(heads, hf, epsilon, gated=False):
+    """(kept head indices, their stats, thresholds, gate cuts) of the head set's plain or gated
+    plan at epsilon, on features hf."""
+    thresholds = heads.thresholds(epsilon, gated)
+    cuts = heads.gate_cuts(epsilon) if gated else {k: -math.inf for k in heads.layers}
     kept = [i for i, k in enumerate(heads.layers) if math.isfinite(thresholds[k])]
     stats = get_policy(heads.policy, heads.policy_params).statistic(hf.features.subset(kept)) if kept else None
     return kept, stats, [thresholds[heads.layers[i]] for i in kept], [cuts[heads.layers[i]] for i in kept]
 
 
-def teacher_forced(heads, hf, cost_model, epsilon) -> dict:
-    kept, stats, thresholds, cuts = exit_plan(heads, hf, epsilon)
+def teacher_forced(heads, hf, cost_model, epsilon, gated=False) -> dict:
+    kept, stats, thresholds, cuts = exit_plan(heads, hf, epsilon, gated)
     all_stats = np.zeros_like(hf.correct, dtype=float)
     if kept:
         all_stats[kept] = stats
-    layers = heads.layers
-    return report(all_stats, hf.correct, hf.gate, layers, [heads.thresholds(epsilon)[k] for k in layers],
-                  [heads.gate_cuts(epsilon)[k] for k in layers], cost_model, hf.context)
+    full_thresholds, full_cuts = [math.inf] * len(heads.layers), [-math.inf] * len(heads.layers)
+    for i, t, c in zip(kept, thresholds, cuts):
+        full_thresholds[i], full_cuts[i] = t, c
+    return report(all_stats, hf.correct, hf.gate, heads.layers, full_thresholds, full_cuts, cost_model, hf.context)
 
 
 def perplexity(heads, hf, cost_model, epsilon) -> dict:
-    """Perplexity of the early-exit predictions and of full depth, teacher-forced on text."""
+    """Perplexity of the early-exit predictions (plain plan) and of full depth, teacher-forced on text."""
     kept, stats, thresholds, cuts = exit_plan(heads, hf, epsilon)
     logprob_full = hf.next_logprob[-1]
     if kept:
@@ -106,6 +109,8 @@ def evaluate(loaded, heads, prompts: list[str], texts: list[Sample], cost_model,
                "layers": heads.layers, "epsilons": {}}
     for eps in heads.epsilons():
         entry = {"active_layers": heads.active_layers(eps), "teacher_forced": teacher_forced(heads, hf, cost_model, eps)}
+        if heads.calibration_entry(eps).get("gated"):
+            entry["gated_teacher_forced"] = teacher_forced(heads, hf, cost_model, eps, gated=True)
         if entry["active_layers"]:
             live = on_policy(loaded, heads, prompts, eps, max_tokens=max_tokens, batch=batch,
                              cache=cache_dir / "eval_on_policy.jsonl" if cache_dir else None)
@@ -135,12 +140,14 @@ def table(results: dict) -> str:
                          f"| {fmt(head.get('agreement'))} | {fmt(lh.get('exit_share'))} | {fmt(lh.get('agreement'))} |")
         lines.append(f"| {eps} | all | | {fmt(tf['exit_fraction'])} | {fmt(tf['agreement'])} "
                      f"| {fmt(live['exit_share'])} | {fmt(live['agreement'])} |")
-    lines += ["", "| eps | saved (teacher-forced, calibrated costs) | saved (on-policy, engine accounting) "
-              "| ppl early exit | ppl full |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| eps | saved (teacher-forced) | saved (on-policy, engine accounting) | gated plan: exit share "
+              "/ agreement / saved (teacher-forced) | ppl early exit | ppl full |", "| --- | --- | --- | --- | --- | --- |"]
     for eps, entry in results["epsilons"].items():
-        ppl = entry.get("perplexity", {})
+        ppl, gated = entry.get("perplexity", {}), entry.get("gated_teacher_forced")
+        gated_text = (f"{gated['exit_fraction']:.3f} / {fmt(gated['agreement'])} / {gated['saved_fraction']:+.3f}"
+                      if gated else "-")
         lines.append(f"| {eps} | {entry['teacher_forced']['saved_fraction']:+.3f} | {entry['on_policy']['saved_fraction']:+.3f} "
-                     f"| {fmt(ppl.get('perplexity_early_exit'))} | {fmt(ppl.get('perplexity_full'))} |")
+                     f"| {gated_text} | {fmt(ppl.get('perplexity_early_exit'))} | {fmt(ppl.get('perplexity_full'))} |")
     return "\n".join(lines)
 
 

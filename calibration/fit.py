@@ -89,7 +89,7 @@ class FitConfig:
     batch_size: int = 256  # positions per step (every head sees the same ones)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    max_shortlist: int = 16384
+    max_shortlist: int = 8192
     seed: int = 0
     entropy_weight: float = field(init=False, default=0.0)
 
@@ -193,7 +193,7 @@ def head_margins(heads, lm_head_weight: torch.Tensor, cache: StateCache, rows: t
     return torch.stack(out)
 
 
-def fit_gates(heads, lm_head_weight: torch.Tensor, cache: StateCache, *, num_tokens: int = 8192, steps: int = 400,
+def fit_gates(heads, lm_head_weight: torch.Tensor, cache: StateCache, *, num_tokens: int = 4096, steps: int = 400,
               lr: float = 0.05, seed: int = 0) -> dict[int, float]:
     """Add a gate probe to every head, fitted to predict its margin; returns each gate's mean
     absolute error on the positions it was fitted on."""

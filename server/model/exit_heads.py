@@ -7,10 +7,12 @@ The LM head is shared with the model, never copied; a head owns only its RMSNorm
 fresh head is exactly the logit lens. A head set is saved as exits.safetensors + exits.json.
 
 Optional gate: a linear probe on the RMS-normalised hidden state, sigmoid(w . h / rms(h) + b),
-that predicts the head's confidence (its top-2 margin) for about 6d FLOPs. Where a head has a
-gate and the calibration gives a cut at the epsilon in use, the head is evaluated only for rows
-whose gate score is >= the cut: the gate can only skip head evaluations (and with them exits);
-the policy's threshold still decides every exit, and thresholds are calibrated with the gate in place.
+that predicts the head's confidence (its top-2 margin) for about 6d FLOPs. A calibration entry
+may hold, beside the plain plan (`thresholds`: every reached head is evaluated), a gated plan
+(`gated`: thresholds and gate cuts): an engine that runs gates evaluates a head only for rows whose
+gate score is >= the cut, so the gate can only skip head evaluations (and with them exits); the
+policy's threshold still decides every exit, and those thresholds were calibrated with the gates
+in place. `thresholds(eps, gated=True)` + `gate_cuts(eps)` give the gated plan.
 """
 import json
 import math
@@ -103,6 +105,18 @@ def _key(eps: float) -> str:
     return f"{eps:g}"
 
 
+def _stored(entry: dict) -> dict:
+    """A calibration entry as exits.json holds it: layer keys as strings, inf thresholds and
+    -inf gate cuts (off / no gate) as null, also in its gated plan."""
+    out = dict(entry)
+    for name in ("thresholds", "gate_cuts"):
+        if name in entry:
+            out[name] = {str(k): (None if not math.isfinite(v) else float(v)) for k, v in entry[name].items()}
+    if entry.get("gated"):
+        out["gated"] = _stored(entry["gated"])
+    return out
+
+
 class ExitHeadSet(nn.Module):
     """Heads at several layers plus their calibration (thresholds per epsilon) and provenance."""
 
@@ -156,10 +170,11 @@ class ExitHeadSet(nn.Module):
         eps = calibration.get("default_epsilon")
         return float(eps) if eps is not None else (self.epsilons()[-1] if self.epsilons() else None)
 
-    def thresholds(self, eps: float) -> dict[int, float]:
-        """Per exit layer, the threshold at eps; +inf where the head is off at that eps."""
+    def thresholds(self, eps: float, gated: bool = False) -> dict[int, float]:
+        """Per exit layer, the threshold at eps; +inf where the head is off at that eps.
+        gated: the thresholds of the gated plan (with gate_cuts), the plain ones if there is none."""
         entry = self.calibration_entry(eps)
-        raw = entry["thresholds"]
+        raw = (entry.get("gated") or entry)["thresholds"] if gated else entry["thresholds"]
         return {k: (math.inf if raw.get(str(k)) is None else float(raw[str(k)])) for k in self.layers}
 
     def calibration_entry(self, eps: float) -> dict:
@@ -186,20 +201,14 @@ class ExitHeadSet(nn.Module):
         self.meta["gate"] = {"kind": "linear-probe", "target": "margin"}
 
     def gate_cuts(self, eps: float) -> dict[int, float]:
-        """Per exit layer, the gate cut at eps: evaluate the head only where gate_score >= cut
+        """Per exit layer, the gated plan's cut at eps: evaluate the head only where gate_score >= cut
         (-inf = no gate: always evaluate)."""
-        raw = self.calibration_entry(eps).get("gate_cuts") or {}
+        raw = (self.calibration_entry(eps).get("gated") or {}).get("gate_cuts") or {}
         return {k: (-math.inf if raw.get(str(k)) is None else float(raw[str(k)])) for k in self.layers}
 
     def set_calibration(self, policy: str, entries: dict[float, dict], default_epsilon: float, **extra):
         """entries: eps -> {"thresholds": {layer: float | inf}, ...stats}. inf is stored as null."""
-        stored = {}
-        for eps, entry in entries.items():
-            thresholds = {str(k): (None if not math.isfinite(t) else float(t)) for k, t in entry["thresholds"].items()}
-            stored[_key(eps)] = {**entry, "thresholds": thresholds}
-            if "gate_cuts" in entry:
-                stored[_key(eps)]["gate_cuts"] = {str(k): (None if not math.isfinite(c) else float(c))
-                                                   for k, c in entry["gate_cuts"].items()}
+        stored = {_key(eps): _stored(entry) for eps, entry in entries.items()}
         self.meta["calibration"] = {"policy": policy, "epsilons": stored, "default_epsilon": default_epsilon, **extra}
 
     def save(self, directory, dtype: torch.dtype | None = None) -> None:

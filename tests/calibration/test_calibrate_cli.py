@@ -53,6 +53,8 @@ def test_calibrate_writes_thresholds_and_metadata_per_epsilon(fitted_dir, tiny_m
         assert {"exit_fraction", "agreement", "saved_fraction", "heads"} <= set(tf)
         for head in tf["heads"]:
             assert head["kept"] == (entry["thresholds"][str(head["layer"])] is not None)
+        gated = entry["gated"]  # the fitted heads have gates: a gated plan beside the plain one
+        assert set(gated["gate_cuts"]) == {"2", "3", "4"} and "saved_fraction" in gated["teacher_forced"]
         live = entry["on_policy"]
         assert live["agreement"] is None or live["agreement"] >= float(eps)  # tightened or switched off
     heads = load_heads(str(out), tiny_loaded)  # the engine takes it as it is

@@ -45,8 +45,9 @@ def random_heads(loaded, kind="linear", rank=8, seed=3) -> ExitHeadSet:
     with torch.no_grad():
         for p in heads.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    heads.set_calibration("margin", {0.9: {"thresholds": {2: 0.3, 4: math.inf}, "gate_cuts": {2: 0.4, 4: -math.inf},
-                                           "exit_rate": 0.25}}, default_epsilon=0.9, delta=0.05)
+    heads.set_calibration("margin", {0.9: {"thresholds": {2: 0.3, 4: math.inf}, "exit_rate": 0.25,
+                                           "gated": {"thresholds": {2: 0.35, 4: 0.5}, "gate_cuts": {2: 0.4, 4: -math.inf}}}},
+                          default_epsilon=0.9, delta=0.05)
     return heads
 
 
@@ -60,6 +61,7 @@ def test_a_saved_head_set_loads_back_exactly(tiny_loaded, tmp_path, kind, rank):
     for name, tensor in heads.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert loaded.thresholds(0.9) == {2: 0.3, 4: math.inf}
+    assert loaded.thresholds(0.9, gated=True) == {2: 0.35, 4: 0.5}
     assert loaded.gate_cuts(0.9) == {2: 0.4, 4: -math.inf}
     hidden = torch.randn(5, tiny_loaded.config.hidden_size)
     weight = tiny_loaded.model.lm_head.weight
