@@ -117,7 +117,9 @@ def plot(report: dict, path) -> None:
     ax.plot([full["compute_saved"]], [full["agreement"]], "s", color="black", label="full depth")
     ax.set_xlabel("compute saved (share of decode FLOPs)")
     ax.set_ylabel("on-policy token agreement")
-    ax.set_title(f"{report['model']}: {report['num_prompts']} prompts × {report['max_tokens']} tokens", fontsize=10)
+    synthetic = " (synthetic thresholds, ε only a label)" if report.get("synthetic_heads") else ""
+    ax.set_title(f"{report['model']}: {report['num_prompts']} prompts × {report['max_tokens']} tokens{synthetic}",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
