@@ -70,7 +70,7 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     with default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
     model.eval()
@@ -207,10 +207,11 @@ def measure_shape(shape: str, args, device: torch.device, dtype: torch.dtype) ->
     max_batch = max(args.batch_sizes)
     max_len = args.prompt_len + args.steps + 8
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    kv_cache_memory = int(1.2 * max_batch * (max_len + 16) * kv_bytes)
     engine_config = EngineConfig(model=shape, heads=None, device=str(device), dtype=str(dtype).removeprefix("torch."),
                                  # every prompt of a batch in one prefill step, so all rows decode in lockstep
                                  max_num_seqs=max_batch, max_num_batched_tokens=max_batch * (args.prompt_len + 1),
-                                 max_model_len=max_len, kv_cache_memory=int(1.2 * max_batch * (max_len + 16) * kv_bytes))
+                                 max_model_len=max_len, kv_cache_memory=kv_cache_memory)
     engine = LLMEngine(model, tokenizer, engine_config, heads)
     rng = torch.Generator().manual_seed(0)
     weights_gb = sum(p.numel() for p in model.parameters()) * element / 1e9

@@ -165,7 +165,8 @@ def benchmark(args) -> dict:
     table = {}
     for key, rounds in results.items():
         table[key] = {stat: statistics.median(r[stat] for r in rounds)
-                      for stat in ("output_tok_s", "decode_tok_s", "ms_per_token")} | {"batch": int(key.split(" b")[-1])}
+                      for stat in ("output_tok_s", "decode_tok_s", "ms_per_token")}
+        table[key]["batch"] = int(key.split(" b")[-1])
         table[key] |= {k: statistics.median(r[k] for r in rounds) for k in ("exited_early_share", "compute_saved")
                        if k in rounds[0]}
         table[key]["tokens_per_round"] = rounds[0]["tokens"]

@@ -310,7 +310,8 @@ def table_rows() -> list[tuple[str, str, str]]:
             ("Output token throughput (tok/s)", "output_throughput", ".2f"),
             ("Total token throughput (tok/s)", "total_token_throughput", ".2f")]
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2EL")):
-        rows += [(f"{stat.capitalize()} {label} (ms)", f"{stat}_{name}_ms", ".2f") for stat in ("mean", "median", "p99")]
+        rows += [(f"{stat.capitalize()} {label} (ms)", f"{stat}_{name}_ms", ".2f")
+                 for stat in ("mean", "median", "p99")]
     return rows + [("Tokens exited early (share)", "exited_early_share", ".3f"),
                    ("Mean exit layer", "mean_exit_layer", ".2f"), ("Compute saved", "compute_saved", ".3f")]
 

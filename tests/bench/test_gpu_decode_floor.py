@@ -1,4 +1,5 @@
 """bench.gpu_decode_floor: the byte accounting of a step, and a smoke run at the tiny shape on the CPU."""
+import json
 import math
 
 import torch
@@ -41,8 +42,6 @@ def test_smoke_run_on_cpu(tmp_path):
     assert floor.main(["--shapes", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1", "4",
                        "--prompt-len", "16", "--steps", "3", "--copy-bytes", str(1 << 20),
                        "--output", str(tmp_path / "floor.json")]) == 0
-    import json
-
     report = json.loads((tmp_path / "floor.json").read_text())
     results = report["shapes"][0]["results"]
     assert {(r["batch"], r["mix"]) for r in results} >= {(1, "full"), (1, "all L/2"), (4, "50% L/2, 50% full")}
