@@ -80,3 +80,26 @@ async def test_engine_error_is_reported(async_engine, monkeypatch):
     assert async_engine.errored
     with pytest.raises(EngineDeadError):
         async_engine.check_health()
+
+
+async def test_many_callers_with_aborts_leave_nothing_behind(async_engine):
+    prompts = random_prompts([3 + i % 17 for i in range(48)], seed=17)
+
+    async def client(i):
+        params = SamplingParams(max_tokens=4 + i % 9, temperature=0.8, seed=i, ignore_eos=True, n=1 + i % 2)
+        outputs = []
+        async for output in async_engine.generate(prompts[i], params, f"c{i}"):
+            outputs.append(output)
+            if i % 5 == 0 and len(outputs) == 2:
+                break  # a client that goes away
+        return outputs
+
+    results = await asyncio.gather(*(client(i) for i in range(48)))
+    for i, outputs in enumerate(results):
+        if i % 5:
+            assert outputs[-1].finished and all(len(o.token_ids) == 4 + i % 9 for o in outputs[-1].outputs)
+    for _ in range(200):
+        if not async_engine.engine.has_unfinished_requests():
+            break
+        await asyncio.sleep(0.01)
+    assert async_engine.engine.block_manager.num_used_blocks == 0 and not async_engine.engine.scheduler.num_unfinished
