@@ -1,6 +1,5 @@
 """The engine on the real default model (slow): greedy outputs equal the reference generator."""
 import pytest
-import torch
 
 from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
@@ -14,7 +13,6 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 @pytest.mark.slow
 def test_engine_equals_reference_generate_on_smollm2(smollm2):
-    torch.set_num_threads(2)
     tokenizer = smollm2.tokenizer
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     prompts[-1] = prompts[-1] * 3  # a long prompt, prefilled in chunks
