@@ -31,7 +31,7 @@ from calibration.policies import ExitFeatures, get_policy, pairwise_cosine
 from calibration.thresholds import assign_exits, calibrate_sequential, clopper_pearson_lower
 from server.model.costs import CostModel
 
-GATE_RECALLS = (1.0, 0.98, 0.95, 0.9, 0.8, 0.6)  # 1.0 = no gate
+GATE_RECALLS = (1.0, 0.98, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2)  # 1.0 = no gate
 
 
 @dataclass

@@ -39,6 +39,8 @@ def register(subparsers):
     fit.add_argument("--batch-size", type=int, default=256)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--top-k", type=int, default=32, help="final-distribution tokens kept as KL targets")
+    fit.add_argument("--hard-negatives", type=int, default=0,
+                     help="positions scanned every 50 steps for the heads' own top tokens, added to the shortlist")
     fit.add_argument("--no-gate", dest="gate", action="store_false", help="fit no gate probes")
     fit.add_argument("--out", required=True)
     fit.set_defaults(func=run_fit)
@@ -112,7 +114,8 @@ def run_fit(args):
     from calibration.fit import FitConfig, StateCache, collect_states, fit_gates, fit_heads
     from server.model.exit_heads import AdapterSpec, ExitHeadSet
 
-    config = FitConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = FitConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       refresh_rows=args.hard_negatives)
     spec = AdapterSpec(args.head_kind, args.head_rank)
     loaded = _setup(args)
     out = Path(args.out)
@@ -145,7 +148,7 @@ def run_fit(args):
     gate_error = fit_gates(heads, loaded.model.lm_head.weight, states, seed=args.seed) if args.gate else None
     heads.meta["fit"] = {
         "loss": args.loss, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "top_k": args.top_k, "positions": len(states), "reply_positions": reply_tokens,
+        "top_k": args.top_k, "hard_negatives": args.hard_negatives, "positions": len(states), "reply_positions": reply_tokens,
         "prompts": {Path(p).name: file_hash(p) for p in prompt_files}, "text": {Path(t).name: file_hash(t) for t in args.text},
         "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "max_tokens": args.max_tokens,
         "data_hash": data_hash(samples), "final_loss": history[-1]["loss"] if history else None,
@@ -160,7 +163,7 @@ def run_calibrate(args):
 
     from calibration.calibrate import calibrate, head_features, metadata
     from calibration.data import data_hash, file_hash, generate_replies
-    from calibration.evaluate import on_policy
+    from calibration.evaluate import gated_on_policy, on_policy
     from calibration.policies import POLICIES
     from server.model.costs import CostModel
     from server.model.exit_heads import ExitHeadSet
@@ -194,17 +197,23 @@ def run_calibrate(args):
         heads.set_calibration(args.policy, entries, default_epsilon=_default(epsilons))
         short = {}
         for eps in pending:
-            if not heads.active_layers(eps):
-                entries[eps]["on_policy"] = {"exit_share": 0.0, "agreement": None, "note": "no active exits"}
-                continue
-            result = on_policy(loaded, heads, check, eps, max_tokens=args.max_tokens, batch=args.batch,
-                               cache=cache / "calib_on_policy.jsonl")
-            result.pop("samples")
+            if heads.active_layers(eps):
+                result = on_policy(loaded, heads, check, eps, max_tokens=args.max_tokens, batch=args.batch,
+                                   cache=cache / "calib_on_policy.jsonl")
+                result.pop("samples")
+            else:
+                result = {"exit_share": 0.0, "agreement": None, "note": "no active exits"}
             entries[eps]["on_policy"] = result
-            log.info("eps %g (working %g): on-policy agreement %s over %d exits", eps, working[eps],
-                     result["agreement"], result["n_exited"])
-            if result["agreement"] is not None and result["agreement"] < eps:
-                short[eps] = eps - result["agreement"]
+            results = [result]
+            gated = entries[eps].get("gated")
+            if gated and any(math.isfinite(t) for t in gated["thresholds"].values()):
+                gated["on_policy"] = gated_on_policy(loaded, heads, check, eps, cost_model, max_tokens=args.max_tokens)
+                results.append(gated["on_policy"])
+            for plan, live in zip(("plain", "gated"), results):
+                log.info("eps %g (working %g), %s plan: on-policy agreement %s over %s exits", eps, working[eps],
+                         plan, live["agreement"], live.get("n_exited", 0))
+                if live["agreement"] is not None and live["agreement"] < eps:
+                    short[eps] = max(short.get(eps, 0.0), eps - live["agreement"])
         if not short or round_index == args.on_policy_rounds:
             break
         for eps, gap in short.items():
@@ -212,11 +221,12 @@ def run_calibrate(args):
         pending = list(short)
         tightened = calibrate(heads, hf, cost_model, list(short), working=working, **options)
         entries.update(tightened)
-    for eps in epsilons:  # a check that still fails after the last round switches that epsilon off
-        live = entries[eps].get("on_policy", {})
-        if live.get("agreement") is not None and live["agreement"] < eps:
-            entries[eps]["thresholds"] = {k: math.inf for k in heads.layers}
-            entries[eps]["note"] = "switched off: on-policy agreement stayed below epsilon after tightening"
+    for eps in epsilons:  # a check that still fails after the last round switches that plan off
+        for plan in (entries[eps], entries[eps].get("gated") or {}):
+            live = plan.get("on_policy", {})
+            if live.get("agreement") is not None and live["agreement"] < eps:
+                plan["thresholds"] = {k: math.inf for k in heads.layers}
+                plan["note"] = "switched off: on-policy agreement stayed below epsilon after tightening"
     heads.set_calibration(args.policy, entries, default_epsilon=_default(epsilons), **metadata(
         delta=args.delta, policy=args.policy, policy_params=get_params(args.policy), num_tokens=int(hf.correct.shape[1]),
         num_prompts=len(prompts), data_hashes={

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from calibration.calibrate import execution, head_features, report
-from calibration.data import Sample, batches, generate_replies
+from calibration.data import Sample, batches, chat_ids, generate_replies
 from calibration.policies import get_policy
+from server.model.llama import ContiguousKVCache
 
 
 @torch.no_grad()
@@ -60,6 +61,68 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
             "n_exited": int(exited.sum()), "agreement": float(agree[exited].mean()) if exited.any() else None,
             "agreement_all_tokens": float(agree.mean()) if len(agree) else None, "heads": per_head,
             "saved_fraction": 1 - spent / full if full else 0.0, "samples": samples}
+
+
+@torch.no_grad()
+def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_model, *, max_tokens: int) -> dict:
+    """The gated plan, greedy, one sequence at a time with a contiguous cache (the serving engine
+    does not run gates): at each active head the gate runs first, the head only where the gate
+    passes, and a row exits where its margin reaches the threshold (KV of the skipped layers
+    filled from its exit hidden state, as the engine does). Then the full model is teacher-forced
+    on the output, as in `on_policy`. Margin policy only."""
+    if heads.policy != "margin":
+        raise ValueError(f"the gated on-policy check runs the margin policy, not {heads.policy!r}")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device, num_layers = model.lm_head.weight.device, model.num_layers
+    thresholds, cuts = heads.thresholds(epsilon, gated=True), heads.gate_cuts(epsilon)
+    active = [k for k in heads.layers if math.isfinite(thresholds[k])]
+    samples, exit_layer, spent, full = [], [], 0.0, 0.0
+    for prompt in prompts:
+        prompt_ids = chat_ids(tokenizer, prompt)
+        cache = ContiguousKVCache(model.config, len(prompt_ids) + max_tokens, device, model.lm_head.weight.dtype)
+        positions = torch.arange(len(prompt_ids), device=device)
+        hidden = model.run_layers(model.embed(torch.tensor(prompt_ids, device=device)), positions, 0, num_layers,
+                                  cache.at(positions))
+        reply = [int(model.final_logits(hidden[-1:])[0].argmax())]
+        while len(reply) < max_tokens and reply[-1] not in tokenizer.eos_token_ids:
+            position = torch.tensor([len(prompt_ids) + len(reply) - 1], device=device)
+            cache.at(position)
+            hidden, done, depth, heads_run, gates_run = model.embed(torch.tensor(reply[-1:], device=device)), 0, num_layers, 0, 0
+            for k in active:
+                hidden = model.run_layers(hidden, position, done, k, cache)
+                done = k
+                head = heads.head(k)
+                if math.isfinite(cuts[k]):
+                    gates_run += 1
+                    if float(head.gate_score(hidden)[0]) < cuts[k]:
+                        continue
+                heads_run += 1
+                probs = torch.softmax(head.logits(hidden, model.lm_head.weight)[0].float(), dim=-1).topk(2)
+                if float(probs.values[0] - probs.values[1]) >= thresholds[k]:
+                    for deeper in range(k, num_layers):
+                        cache.write(deeper, *model.layer_kv(deeper, hidden, position))
+                    depth, token = k, int(probs.indices[0])
+                    break
+            if depth == num_layers:
+                hidden = model.run_layers(hidden, position, done, num_layers, cache)
+                token = int(model.final_logits(hidden)[0].argmax())
+            reply.append(token)
+            exit_layer.append(depth)
+            context = int(position[0]) + 1
+            spent += float(cost_model.token_flops(depth, heads_run, context, gates_run))
+            full += float(cost_model.full_depth_flops(context))
+        samples.append(Sample(prompt_ids + reply, len(prompt_ids)))
+    agree = np.asarray([int(t) == int(f) for s, top1 in zip(samples, full_top1(model, samples))
+                        for t, f in zip(s.reply_ids[1:], top1)], dtype=bool)
+    exit_layer = np.asarray(exit_layer, dtype=int)
+    exited = exit_layer < num_layers
+    per_head = {str(k): {"exit_share": float((exit_layer == k).mean()) if len(exit_layer) else 0.0,
+                         "n_exited": int((exit_layer == k).sum()),
+                         "agreement": float(agree[exit_layer == k].mean()) if (exit_layer == k).any() else None}
+                for k in heads.layers}
+    return {"num_tokens": int(len(exit_layer)), "exit_share": float(exited.mean()) if len(exited) else 0.0,
+            "n_exited": int(exited.sum()), "agreement": float(agree[exited].mean()) if exited.any() else None,
+            "heads": per_head, "saved_fraction": 1 - spent / full if full else 0.0}
 
 
 def exit_plan(heads, hf, epsilon, gated=False):
@@ -119,6 +182,9 @@ def evaluate(loaded, heads, prompts: list[str], texts: list[Sample], cost_model,
         else:
             entry["on_policy"] = {"exit_share": 0.0, "agreement": None, "saved_fraction": 0.0, "heads": {},
                                   "note": "no active exits at this epsilon: every token runs at full depth"}
+        gated_layers = [k for k, t in heads.thresholds(eps, gated=True).items() if math.isfinite(t)]
+        if heads.calibration_entry(eps).get("gated") and gated_layers:
+            entry["gated_on_policy"] = gated_on_policy(loaded, heads, prompts, eps, cost_model, max_tokens=max_tokens)
         if hf_text is not None:
             entry["perplexity"] = perplexity(heads, hf_text, cost_model, eps)
         results["epsilons"][f"{eps:g}"] = entry
@@ -140,14 +206,17 @@ def table(results: dict) -> str:
                          f"| {fmt(head.get('agreement'))} | {fmt(lh.get('exit_share'))} | {fmt(lh.get('agreement'))} |")
         lines.append(f"| {eps} | all | | {fmt(tf['exit_fraction'])} | {fmt(tf['agreement'])} "
                      f"| {fmt(live['exit_share'])} | {fmt(live['agreement'])} |")
-    lines += ["", "| eps | saved (teacher-forced) | saved (on-policy, engine accounting) | gated plan: exit share "
-              "/ agreement / saved (teacher-forced) | ppl early exit | ppl full |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| eps | saved (teacher-forced) | saved (on-policy, engine accounting) | gated plan, teacher-forced: "
+              "exit share / agreement / saved | gated plan, on-policy: exit share / agreement / saved "
+              "| ppl early exit | ppl full |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for eps, entry in results["epsilons"].items():
-        ppl, gated = entry.get("perplexity", {}), entry.get("gated_teacher_forced")
-        gated_text = (f"{gated['exit_fraction']:.3f} / {fmt(gated['agreement'])} / {gated['saved_fraction']:+.3f}"
-                      if gated else "-")
+        ppl = entry.get("perplexity", {})
+        gated = [entry.get("gated_teacher_forced"), entry.get("gated_on_policy")]
+        gated_text = [f"{g.get('exit_fraction', g.get('exit_share')):.3f} / {fmt(g['agreement'])} / "
+                      f"{g['saved_fraction']:+.3f}" if g else "-" for g in gated]
         lines.append(f"| {eps} | {entry['teacher_forced']['saved_fraction']:+.3f} | {entry['on_policy']['saved_fraction']:+.3f} "
-                     f"| {gated_text} | {fmt(ppl.get('perplexity_early_exit'))} | {fmt(ppl.get('perplexity_full'))} |")
+                     f"| {gated_text[0]} | {gated_text[1]} | {fmt(ppl.get('perplexity_early_exit'))} "
+                     f"| {fmt(ppl.get('perplexity_full'))} |")
     return "\n".join(lines)
 
 

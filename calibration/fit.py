@@ -15,8 +15,10 @@ Losses per position, p = the final distribution, q = the head's:
 Shortlist softmax: q is normalised over a shortlist of the vocabulary (the tokens seen in the
 cached top-K, most probable first, capped), not over all V tokens. The d x V projection is nearly
 the whole cost of a step and the shortlist divides it by V / |shortlist|; targets outside the
-shortlist count as remainder. Calibration and evaluation use the full vocabulary, so anything the
-shortlist misses (a head that rates an unlisted token highly) costs agreement there and is caught.
+shortlist count as remainder. A shallow head's top-1 is mostly a token no final top-K ever holds,
+so optionally (refresh_rows > 0) every refresh_every steps the tokens the heads currently rank highest over the full vocabulary
+on a few random positions join the shortlist (hard negatives). Calibration and evaluation use the
+full vocabulary, so anything the shortlist still misses costs agreement there and is caught.
 
 Gates (optional, `fit_gates`): per head, a logistic probe on the normalised hidden state, fitted
 to the trained head's full-vocabulary margin on the cached positions (soft labels).
@@ -90,6 +92,8 @@ class FitConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_shortlist: int = 8192
+    refresh_every: int = 50  # steps between hard-negative refreshes of the shortlist
+    refresh_rows: int = 0  # cached positions each refresh looks at (0 = no hard negatives)
     seed: int = 0
     entropy_weight: float = field(init=False, default=0.0)
 
@@ -143,9 +147,6 @@ def fit_heads(heads, lm_head_weight: torch.Tensor, cache: StateCache, config: Fi
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     listed_ids = shortlist(cache, config.max_shortlist)
-    position = torch.full((max(int(cache.top_ids.max()), int(listed_ids.max())) + 1,), -1, dtype=torch.long)
-    position[listed_ids] = torch.arange(len(listed_ids))
-    weight = lm_head_weight.detach()[listed_ids.to(device)].float()  # [S, d]
     columns = [cache.layers.index(k) for k in heads.layers]
     params = [p for p in heads.parameters() if p.requires_grad and p is not None]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -154,6 +155,13 @@ def fit_heads(heads, lm_head_weight: torch.Tensor, cache: StateCache, config: Fi
     heads.train()
     history = []
     for step in range(config.steps):
+        if step % config.refresh_every == 0:
+            if step and config.refresh_rows:
+                listed_ids = torch.cat([listed_ids, hard_negatives(heads, lm_head_weight, cache, columns, generator,
+                                                                   config.refresh_rows)]).unique()
+            position = torch.full((lm_head_weight.shape[0],), -1, dtype=torch.long)
+            position[listed_ids] = torch.arange(len(listed_ids))
+            weight = lm_head_weight.detach()[listed_ids.to(device)].float()  # [S, d]
         rows = torch.randint(len(cache), (config.batch_size,), generator=generator)
         target_pos = position[cache.top_ids[rows]].to(device)
         target_probs = cache.top_probs[rows].to(device)
@@ -168,12 +176,25 @@ def fit_heads(heads, lm_head_weight: torch.Tensor, cache: StateCache, config: Fi
         schedule.step()
         values = {k: float(v.detach()) for k, v in losses.items()}
         if step % 10 == 0 or step == config.steps - 1:
-            history.append({"step": step, "loss": values})
+            history.append({"step": step, "loss": values, "shortlist": len(listed_ids)})
         if progress is not None:
             progress.update(1)
             progress.set_postfix({f"loss{k}": f"{v:.3f}" for k, v in values.items()})
     heads.eval()
     return history
+
+
+@torch.no_grad()
+def hard_negatives(heads, lm_head_weight, cache: StateCache, columns, generator, num_rows: int, top: int = 4):
+    """Tokens the heads now rank in their full-vocabulary top few on random cached positions:
+    added to the shortlist so that training pushes them down too (a head's mistakes lie mostly
+    outside the final model's top-K, where the shortlist would never look)."""
+    rows = torch.randint(len(cache), (num_rows,), generator=generator)
+    found = []
+    for head, column in zip(heads.heads.values(), columns):
+        hidden = cache.hidden[rows, column].to(lm_head_weight.device).float()
+        found.append(head.logits(hidden, lm_head_weight).topk(top, dim=-1).indices.flatten().cpu())
+    return torch.cat(found)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """`offramp eval` on the tiny model agrees with a direct computation of the same quantities."""
+import copy
 import json
 import math
 
@@ -93,3 +94,23 @@ def test_perplexity_of_the_early_exit_predictions_is_reported_against_full_depth
         assert np.isfinite(ppl["perplexity_early_exit"])
     low, high = report["epsilons"]["0.9"]["perplexity"], report["epsilons"]["0.99"]["perplexity"]
     assert low["exit_share"] >= high["exit_share"]
+
+
+def test_the_gated_plan_runs_gates_before_heads_and_only_ever_removes_exits(results, tiny_loaded):
+    from calibration.evaluate import gated_on_policy
+    from server.model.costs import CostModel
+
+    heads = copy.deepcopy(results[1])
+    heads.add_gates()  # zero probes: every gate score is 0.5
+    cost = CostModel.from_config(tiny_loaded.config, head_kind="linear", adapter_rank=8)
+    plain = heads.thresholds(0.9)
+    for cut, expect_exits in ((0.4, True), (0.6, False)):
+        heads.calibration_entry(0.9)["gated"] = {"thresholds": {str(k): t for k, t in plain.items()},
+                                                 "gate_cuts": {str(k): cut for k in plain}}
+        live = gated_on_policy(tiny_loaded, heads, CALIB_PROMPTS, 0.9, cost, max_tokens=MAX_TOKENS)
+        if expect_exits:  # every gate passes: the plain plan's exits, at the price of the gates too
+            on = results[0]["epsilons"]["0.9"]["on_policy"]
+            assert live["n_exited"] == on["n_exited"] and live["agreement"] == pytest.approx(on["agreement"])
+            assert live["saved_fraction"] < on["saved_fraction"]
+        else:  # no gate passes: no head is evaluated, nothing exits, the gates alone cost a little
+            assert live["n_exited"] == 0 and -0.01 < live["saved_fraction"] < 0
