@@ -63,7 +63,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.num_preemptions:
             seq = self.waiting[0]
             chunk = min(seq.prefill_target - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + chunk, self.watermark_blocks):
+            reserve = self.watermark_blocks if self.running else 0  # alone, a sequence may fill the pool
+            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + chunk, reserve):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -16,6 +16,13 @@ def test_pool_is_sized_from_the_memory_budget(make_engine, tiny):
     assert engine.kv_capacity_tokens == 160 and engine.max_model_len == 160
 
 
+def test_a_sequence_may_fill_the_whole_pool(make_engine, tiny):
+    engine = make_engine(kv_cache_memory=4 * _block_bytes(tiny))
+    out = engine.generate(random_prompts([60, 5]), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in out] == [4, 10]
+    assert out[0].outputs[0].finish_reason == "length" and engine.block_manager.num_used_blocks == 0
+
+
 def test_preemption_keeps_outputs_and_frees_everything(make_engine, tiny):
     prompts = random_prompts([20, 31, 12, 40, 7, 25], seed=5)
     params = SamplingParams(max_tokens=40, temperature=0, exit_epsilon=0.9, ignore_eos=True)
