@@ -45,8 +45,7 @@ class LLMEngine:
         self.pool = KVPool(model.config, num_blocks, config.block_size, device, dtype)
         self.max_model_len = min(max_len, self.block_manager.capacity_tokens)  # a lone sequence always fits
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, heads, self.pool, self.block_manager, self.eos_token_ids,
-                                  policy=exit_policy(heads))
+        self.runner = ModelRunner(model, heads, self.pool, self.block_manager, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.last_step: StepStats | None = None
         self._next_seq_id = 0
@@ -140,6 +139,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         batch = self.scheduler.schedule()
+        if batch.is_empty and self.scheduler.num_unfinished:  # cannot happen; fail loudly rather than spin
+            raise RuntimeError(f"the scheduler made no progress with {self.scheduler.num_unfinished} sequences queued")
         out = self.runner.run(batch) if not batch.is_empty else StepOutput()
         updated = self._postprocess(batch, out)
         outputs = [self._request_output(request) for request in updated]
@@ -249,16 +250,6 @@ class LLMEngine:
                 if output.finished:
                     final[output.request_id] = output
         return [final[i] for i in ids]
-
-
-def exit_policy(heads: ExitHeadSet | None):
-    """The head set's exit policy (calibration.policies), or None for margin, which the exit kernel
-    decides itself."""
-    if heads is None or heads.policy == "margin":
-        return None
-    from calibration.policies import get_policy
-
-    return get_policy(heads.policy, heads.policy_params)
 
 
 def load_heads(spec: str | None, loaded) -> ExitHeadSet | None:

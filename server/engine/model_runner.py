@@ -36,13 +36,13 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, heads: ExitHeadSet | None, pool: KVPool,
-                 block_manager: BlockManager, eos_token_ids: list[int], policy=None):
+                 block_manager: BlockManager, eos_token_ids: list[int]):
         self.model = model
         self.heads = heads
         self.pool = pool
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
-        self.policy = policy
+        self.policy = exit_policy(heads)
         self.device = model.lm_head.weight.device
         self.num_layers = model.num_layers
         self.num_heads = len(heads.layers) if heads is not None else 0
@@ -138,3 +138,13 @@ class ModelRunner:
                 alternatives = dict(zip(top[0][:n], top[1][:n])) if top else {}
                 out.logprobs.append(TokenLogprob(token, logprob, alternatives))
         return out
+
+
+def exit_policy(heads: ExitHeadSet | None):
+    """The head set's exit policy (calibration.policies), or None for margin, which the exit kernel
+    decides itself."""
+    if heads is None or heads.policy == "margin":
+        return None
+    from calibration.policies import get_policy
+
+    return get_policy(heads.policy, heads.policy_params)
