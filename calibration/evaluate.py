@@ -65,8 +65,8 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
 
 @torch.no_grad()
 def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_model, *, max_tokens: int) -> dict:
-    """The gated plan, greedy, one sequence at a time with a contiguous cache (the serving engine
-    does not run gates): at each active head the gate runs first, the head only where the gate
+    """The gated plan, greedy, one sequence at a time with a contiguous cache (an independent check
+    of what the engine runs when `ExitHeadSet.uses_gates`): at each active head the gate runs first, the head only where the gate
     passes, and a row exits where its margin reaches the threshold (KV of the skipped layers
     filled from its exit hidden state, as the engine does). Then the full model is teacher-forced
     on the output, as in `on_policy`. Margin policy only."""

@@ -14,7 +14,8 @@ Invariants, at every point of `forward`:
               per layer, so later tokens attend to them as if they had run every layer.
   policy_state  per live decode row, the memory of a stateful exit policy (None for margin).
 
-At exit layer k: decode rows with a finite threshold at k ask the exit kernel (rows with
+At exit layer k: decode rows with a finite threshold at k whose gate passes (score >= the row's
+gate cut; a cut of -inf means no gate) ask the exit kernel (rows with
 early_exit off carry +inf everywhere and are never asked); rows whose decision says exit leave
 with the kernel's token (a token that min_tokens forbids keeps the row going). Prefill rows whose
 recorded depth is k leave too: a recomputed token goes exactly as deep as it went the first time,
@@ -36,6 +37,7 @@ from server.model.llama import LlamaForCausalLM
 @dataclass
 class ExitPlan:
     thresholds: torch.Tensor  # [D, E] f32 per decode row and head (in layer order); inf = never exit there
+    gate_cuts: torch.Tensor  # [D, E] f32: ask the head only where gate score >= cut; -inf = no gate
     controls: SamplingTensors  # per decode row, for the kernel's sampling at an exit
     prefill_depths: torch.Tensor  # [P] int64: how deep each prefill row runs (L for prompt tokens)
     needs_logits: torch.Tensor  # [N] bool: rows whose final logits are wanted if they reach the end
@@ -45,6 +47,7 @@ class ExitPlan:
 class ExitResult:
     exit_layers: torch.Tensor  # [D] int64: layer each decode row left at (L = full depth)
     heads_evaluated: torch.Tensor  # [D] int64: exit-head evaluations per decode row
+    gates_evaluated: torch.Tensor  # [D] int64: gate probes run per decode row
     head_token: torch.Tensor  # [D] int64: the token chosen at the exit head (-1 for rows that reached the end)
     head_logprob: torch.Tensor  # [D] f32
     final_rows: torch.Tensor  # [R] int64: original rows whose logits follow
@@ -73,6 +76,7 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
     policy_state = policy.init_state(hidden[:d]) if policy is not None else None  # rows = live decode rows
     left = LeftRows(hidden[:0], positions[:0], store.meta.slots[:0])
     result = ExitResult(exit_layers=torch.full((d,), num_layers), heads_evaluated=torch.zeros(d, dtype=torch.long),
+                        gates_evaluated=torch.zeros(d, dtype=torch.long),
                         head_token=torch.full((d,), -1), head_logprob=torch.zeros(d), final_rows=live[:0],
                         final_logits=hidden.new_zeros(0, model.config.vocab_size))
     done = 0
@@ -84,6 +88,7 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
         leave = torch.zeros(len(live), dtype=torch.bool)
         decode_rows = live[:num_decode]
         asked = decode_rows[torch.isfinite(plan.thresholds[decode_rows, head_index])]
+        asked = _pass_gate(heads.head(layer), hidden[:num_decode], decode_rows, asked, head_index, plan, result)
         if len(asked):
             leave[:num_decode] = _ask_head(model, heads.head(layer), hidden[:num_decode], decode_rows, asked,
                                            head_index, plan, result, policy, policy_state)
@@ -111,6 +116,22 @@ def _run_segment(model, hidden, positions, store, start: int, end: int, left: Le
         if len(hidden):
             hidden = model.run_layers(hidden, positions, layer, layer + 1, store)
     return hidden
+
+
+def _pass_gate(head, hidden, rows, asked, head_index, plan, result) -> torch.Tensor:
+    """The asked rows (original ids, ascending) whose gate lets them ask the head: those with no gate
+    (cut -inf) and those whose gate score [n] on their hidden state reaches their cut. The gate only
+    saves head evaluations; the threshold still decides every exit."""
+    cuts = plan.gate_cuts[asked, head_index]
+    gated = torch.isfinite(cuts)
+    if not len(asked) or not bool(gated.any()) or head.gate is None:
+        return asked
+    position = torch.searchsorted(rows, asked[gated]).to(hidden.device)
+    score = head.gate_score(hidden[position]).cpu()
+    result.gates_evaluated[asked[gated]] += 1
+    keep = ~gated
+    keep[gated] = score >= cuts[gated]
+    return asked[keep]
 
 
 def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy, policy_state) -> torch.Tensor:

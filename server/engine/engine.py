@@ -76,14 +76,15 @@ class LLMEngine:
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.capacity_tokens
 
-    def thresholds_for(self, params: SamplingParams) -> list[float]:
-        """Per head (layer order), the request's exit threshold; +inf where it never exits. Raises
+    def thresholds_for(self, params: SamplingParams) -> tuple[list[float], list[float]]:
+        """Per head (layer order), the request's exit threshold (+inf where it never exits) and gate
+        cut (-inf: no gate, the head is evaluated for every row that reaches it). Raises
         SamplingParamsError for an exit_epsilon the head set was not calibrated for."""
         heads = self.heads
         if heads is None:
             if params.exit_epsilon is not None:
                 raise SamplingParamsError("exit_epsilon", "exit_epsilon was given but this server has no exit heads")
-            return []
+            return [], []
         epsilons = heads.epsilons()
         eps = params.exit_epsilon
         if eps is not None and not any(math.isclose(eps, e, abs_tol=1e-9) for e in epsilons):
@@ -91,12 +92,12 @@ class LLMEngine:
                                       f"choose one of {', '.join(f'{e:g}' for e in epsilons) or '(none)'}")
         eps = eps if eps is not None else heads.default_epsilon
         if not params.early_exit or eps is None:
-            return [math.inf] * len(heads.layers)
-        thresholds = heads.thresholds(eps)
-        return [thresholds[k] for k in heads.layers]
+            return [math.inf] * len(heads.layers), [-math.inf] * len(heads.layers)
+        thresholds, cuts = heads.exit_plan(eps)
+        return [thresholds[k] for k in heads.layers], [cuts[k] for k in heads.layers]
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> list[float]:
-        """Check a request before it is queued; returns its per-head thresholds."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> tuple[list[float], list[float]]:
+        """Check a request before it is queued; returns its per-head thresholds and gate cuts."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -111,10 +112,10 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        thresholds = self.validate(prompt_token_ids, params)
+        thresholds, gate_cuts = self.validate(prompt_token_ids, params)
         request = Request(request_id, prompt_token_ids, params, arrival_time)
         for index in range(params.n):
-            seq = Sequence(self._next_seq_id, request, index, thresholds)
+            seq = Sequence(self._next_seq_id, request, index, thresholds, gate_cuts)
             self._next_seq_id += 1
             request.seqs.append(seq)
             self.scheduler.add(seq)

@@ -77,6 +77,7 @@ class ModelRunner:
         controls = self._controls(decode + prefill, [True] * len(decode) + first_token)
         plan = early_exit.ExitPlan(
             thresholds=torch.tensor([s.thresholds for s in decode]).float().view(len(decode), self.num_heads),
+            gate_cuts=torch.tensor([s.gate_cuts for s in decode]).float().view(len(decode), self.num_heads),
             controls=controls.rows(torch.arange(len(decode))), prefill_depths=torch.tensor(depths, dtype=torch.long),
             needs_logits=torch.tensor(needs_logits, dtype=torch.bool))
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
@@ -120,7 +121,8 @@ class ModelRunner:
         exit_layers = result.exit_layers.tolist()
         if num_decode:
             context = result.exit_layers.new_tensor([s.num_tokens for s in seqs[:num_decode]]).numpy()
-            flops = self.costs.token_flops(result.exit_layers.numpy(), result.heads_evaluated.numpy(), context)
+            flops = self.costs.token_flops(result.exit_layers.numpy(), result.heads_evaluated.numpy(), context,
+                                           result.gates_evaluated.numpy())
             full = self.costs.full_depth_flops(context)
             out.deepest_layer = max(exit_layers)
         for index in sorted(chosen):

@@ -1,4 +1,5 @@
 """Requests and the sequences they fork into, with everything the engine tracks per sequence."""
+import math
 import time
 from enum import Enum
 
@@ -21,7 +22,8 @@ class Sequence:
     computed; the step that computes the last one produces the next.
     """
 
-    def __init__(self, seq_id: int, request: "Request", index: int, thresholds: list[float]):
+    def __init__(self, seq_id: int, request: "Request", index: int, thresholds: list[float],
+                 gate_cuts: list[float] | None = None):
         params = request.params
         self.seq_id = seq_id
         self.request = request
@@ -32,6 +34,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.thresholds = thresholds  # per head of the set, in layer order; inf = never exit there
+        self.gate_cuts = gate_cuts or [-math.inf] * len(thresholds)  # per head: ask it only if gate >= cut
         self.exit_layers: list[int] = []  # per generated token
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None

@@ -206,6 +206,25 @@ class ExitHeadSet(nn.Module):
         raw = (self.calibration_entry(eps).get("gated") or {}).get("gate_cuts") or {}
         return {k: (-math.inf if raw.get(str(k)) is None else float(raw[str(k)])) for k in self.layers}
 
+    def uses_gates(self, eps: float) -> bool:
+        """Whether a server runs the gated plan at eps: the set has gate probes, the plan has an active
+        head, and it saved at least as much compute as the plain plan where both were measured."""
+        gated = self.calibration_entry(eps).get("gated")
+        if not self.has_gates or not gated or not any(math.isfinite(t) for t in self.thresholds(eps, gated=True).values()):
+            return False
+        if not self.active_layers(eps):
+            return True
+        plain_saved = (self.calibration_entry(eps).get("teacher_forced") or {}).get("saved_fraction")
+        gated_saved = (gated.get("teacher_forced") or {}).get("saved_fraction")
+        return plain_saved is None or gated_saved is None or gated_saved >= plain_saved
+
+    def exit_plan(self, eps: float) -> tuple[dict[int, float], dict[int, float]]:
+        """What a server runs at eps: per exit layer (threshold, gate cut), the gated plan where
+        `uses_gates`, else the plain thresholds with no gates (cut -inf)."""
+        if self.uses_gates(eps):
+            return self.thresholds(eps, gated=True), self.gate_cuts(eps)
+        return self.thresholds(eps), {k: -math.inf for k in self.layers}
+
     def set_calibration(self, policy: str, entries: dict[float, dict], default_epsilon: float, **extra):
         """entries: eps -> {"thresholds": {layer: float | inf}, ...stats}. inf is stored as null."""
         stored = {_key(eps): _stored(entry) for eps, entry in entries.items()}

@@ -36,10 +36,11 @@ def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Gene
 @torch.inference_mode()
 def generate(model: LlamaForCausalLM, prompt_ids: list[int], max_tokens: int, *, temperature: float = 0.0,
              seed: int | None = None, eos_token_ids: list[int] = (), heads=None,
-             thresholds: dict[int, float] | None = None,
+             thresholds: dict[int, float] | None = None, gate_cuts: dict[int, float] | None = None,
              on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Generate up to max_tokens after prompt_ids at full depth, or with early exit when
-    `heads` (an ExitHeadSet) and per-layer `thresholds` (margin; inf = off) are given."""
+    `heads` (an ExitHeadSet) and per-layer `thresholds` (margin; inf = off) are given; with
+    `gate_cuts` a head is evaluated only where its gate probe scores >= the cut (-inf = no gate)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     device = model.lm_head.weight.device
@@ -63,7 +64,7 @@ def generate(model: LlamaForCausalLM, prompt_ids: list[int], max_tokens: int, *,
         if token in eos_token_ids or len(result.token_ids) >= max_tokens:
             break
         position = torch.tensor([len(prompt_ids) + len(result.token_ids) - 1], device=device)
-        logits, exit_layer = _decode_one(model, token, position, cache, heads, exits, thresholds)
+        logits, exit_layer = _decode_one(model, token, position, cache, heads, exits, thresholds, gate_cuts or {})
         result.exit_layers.append(exit_layer)
     result.seconds = time.perf_counter() - start
     # exit_layers[i] is the depth that produced token i+1; the first token comes from the prefill.
@@ -72,7 +73,7 @@ def generate(model: LlamaForCausalLM, prompt_ids: list[int], max_tokens: int, *,
     return result
 
 
-def _decode_one(model, token, position, cache, heads, exits, thresholds):
+def _decode_one(model, token, position, cache, heads, exits, thresholds, gate_cuts):
     """One decode step; returns (logits [V] of the next token, depth that produced them)."""
     num_layers = model.num_layers
     cache.at(position)
@@ -81,6 +82,9 @@ def _decode_one(model, token, position, cache, heads, exits, thresholds):
     for layer in exits:
         hidden = model.run_layers(hidden, position, done, layer, cache)
         done = layer
+        cut = gate_cuts.get(layer, -math.inf)
+        if math.isfinite(cut) and float(heads.head(layer).gate_score(hidden)[0]) < cut:
+            continue
         logits = heads.head(layer).logits(hidden, model.lm_head.weight)[0]
         top2 = torch.softmax(logits.float(), dim=-1).topk(2).values
         if float(top2[0] - top2[1]) >= thresholds[layer]:
