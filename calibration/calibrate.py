@@ -47,8 +47,9 @@ class HeadFeatures:
 
 @torch.no_grad()
 def head_features(model, heads, samples: list[Sample], *, batch_tokens: int = 2048, cosines: bool = False,
-                  progress=None) -> HeadFeatures:
-    """Every head and the full model, teacher-forced on the samples' counted positions."""
+                  progress=None, reference=None) -> HeadFeatures:
+    """Every head and the full model, teacher-forced on the samples' counted positions. reference:
+    another model (the original, for a depth-tuned `model`) whose top-1 is the label instead."""
     device = model.lm_head.weight.device
     weight = model.lm_head.weight
     parts = []
@@ -57,7 +58,8 @@ def head_features(model, heads, samples: list[Sample], *, batch_tokens: int = 20
         logits, hidden = model.forward(ids, mask, output_hidden_states=True)
         targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[where]  # next token of each counted position
         final = torch.log_softmax(logits[where].float(), dim=-1)
-        rows = {"final_token": final.argmax(-1), "context": torch.nonzero(where)[:, 1] + 1}
+        label = final if reference is None else reference.forward(ids, mask)[where]
+        rows = {"final_token": label.argmax(-1), "context": torch.nonzero(where)[:, 1] + 1}
         margin, max_prob, entropy, token, logprob, gate, states = [], [], [], [], [], [], [hidden[0][where]]
         for head in heads.heads.values():
             h = hidden[head.layer][where]

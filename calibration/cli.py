@@ -62,7 +62,9 @@ def register(subparsers):
 
     ev = subparsers.add_parser("eval", help="agreement, exit shares and compute saved per epsilon")
     _common(ev)
-    ev.add_argument("--heads", required=True)
+    ev.add_argument("--heads", default=None, help="calibrated head set (default with --tune: the tune's own)")
+    ev.add_argument("--tune", default=None, help="folder written by 'offramp tune': evaluate the tuned model's "
+                    "early exit against the ORIGINAL model's full-depth predictions")
     ev.add_argument("--prompts", action="append", required=True, help="prompt file (.txt lines or .jsonl turns[0])")
     ev.add_argument("--text", action="append", default=[], help="text file for the perplexity check")
     ev.add_argument("--text-tokens", type=int, default=8192)
@@ -270,18 +272,29 @@ def run_eval(args):
     from server.model.costs import CostModel
     from server.model.exit_heads import ExitHeadSet
 
+    original = None
     loaded = _setup(args)
-    heads = ExitHeadSet.load(args.heads, config=loaded.config, fingerprint=loaded.fingerprint)
+    heads_dir = args.heads
+    if args.tune is not None:
+        from calibration.lora import apply_tune
+        from server.model.loader import load_model
+
+        original = load_model(args.model, device=loaded.model.lm_head.weight.device)
+        tuned_heads = apply_tune(loaded, args.tune)
+        heads_dir = heads_dir or tuned_heads
+    if heads_dir is None:
+        raise UsageError("give --heads (or --tune, whose heads are used)")
+    heads = ExitHeadSet.load(heads_dir, config=loaded.config, fingerprint=loaded.fingerprint)
     heads.to(loaded.model.lm_head.weight.device).eval()
     if not heads.epsilons():
-        raise UsageError(f"{args.heads}: the head set is not calibrated; run offramp calibrate first")
+        raise UsageError(f"{heads_dir}: the head set is not calibrated; run offramp calibrate first")
     cache = Path(args.cache) if args.cache else None
     texts = [s for path in args.text for s in text_samples(path, loaded.tokenizer, max_tokens=args.text_tokens)]
     cost_model = CostModel.from_config(loaded.config, head_kind=heads.meta["head_kind"],
                                        adapter_rank=heads.meta.get("adapter_rank", 0))
     results = evaluate(loaded, heads, _prompts(args.prompts), texts, cost_model, max_tokens=args.max_tokens,
                        batch=args.batch, cache_dir=cache,
-                       progress=lambda eps, entry: log.info("eps %s done", eps))
+                       progress=lambda eps, entry: log.info("eps %s done", eps), original=original)
     print(table(results))
     if args.json:
         write(results, args.json)

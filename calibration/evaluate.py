@@ -36,11 +36,12 @@ def full_top1(model, samples: list[Sample], batch_tokens: int = 2048) -> list[np
 
 
 def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: int, batch: int = 32,
-              cache=None) -> dict:
-    """Greedy early-exit generation through the engine at epsilon, checked against the full model."""
+              cache=None, reference=None) -> dict:
+    """Greedy early-exit generation through the engine at epsilon, checked against the full model
+    (or against `reference`, the original of a depth-tuned model)."""
     samples = generate_replies(loaded, prompts, max_tokens=max_tokens, batch=batch, cache=cache, heads=heads,
                                epsilon=epsilon)
-    labels = full_top1(loaded.model, samples)
+    labels = full_top1(reference or loaded.model, samples)
     num_layers = loaded.config.num_hidden_layers
     exit_layer, agree = [], []
     for sample, top1 in zip(samples, labels):
@@ -64,7 +65,8 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
 
 
 @torch.no_grad()
-def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_model, *, max_tokens: int) -> dict:
+def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_model, *, max_tokens: int,
+                    reference=None) -> dict:
     """The gated plan, greedy, one sequence at a time with a contiguous cache (an independent check
     of what the engine runs when `ExitHeadSet.uses_gates`): at each active head the gate runs first, the head only where the gate
     passes, and a row exits where its margin reaches the threshold (KV of the skipped layers
@@ -112,7 +114,7 @@ def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_mode
             spent += float(cost_model.token_flops(depth, heads_run, context, gates_run))
             full += float(cost_model.full_depth_flops(context))
         samples.append(Sample(prompt_ids + reply, len(prompt_ids)))
-    agree = np.asarray([int(t) == int(f) for s, top1 in zip(samples, full_top1(model, samples))
+    agree = np.asarray([int(t) == int(f) for s, top1 in zip(samples, full_top1(reference or model, samples))
                         for t, f in zip(s.reply_ids[1:], top1)], dtype=bool)
     exit_layer = np.asarray(exit_layer, dtype=int)
     exited = exit_layer < num_layers
@@ -162,13 +164,17 @@ def perplexity(heads, hf, cost_model, epsilon) -> dict:
 
 
 def evaluate(loaded, heads, prompts: list[str], texts: list[Sample], cost_model, *, max_tokens: int = 128,
-             batch: int = 32, cache_dir=None, progress=None) -> dict:
+             batch: int = 32, cache_dir=None, progress=None, original=None) -> dict:
+    """original: for a depth-tuned `loaded`, the original model: its greedy replies are the
+    teacher-forced text and its top-1 the label everywhere, so agreement is with the original."""
     cosines = heads.policy == "saturation"
-    reference = generate_replies(loaded, prompts, max_tokens=max_tokens, batch=batch,
-                                 cache=cache_dir / "eval_full_depth.jsonl" if cache_dir else None)
-    hf = head_features(loaded.model, heads, reference, cosines=cosines)
+    labeller = original.model if original is not None else None
+    replies = generate_replies(original or loaded, prompts, max_tokens=max_tokens, batch=batch,
+                               cache=cache_dir / "eval_full_depth.jsonl" if cache_dir else None)
+    hf = head_features(loaded.model, heads, replies, cosines=cosines, reference=labeller)
     hf_text = head_features(loaded.model, heads, texts, cosines=cosines) if texts else None
-    results = {"model": loaded.name, "num_prompts": len(prompts), "max_tokens": max_tokens, "policy": heads.policy,
+    results = {"model": loaded.name, "agreement_with": "original model" if original is not None else "model",
+               "num_prompts": len(prompts), "max_tokens": max_tokens, "policy": heads.policy,
                "layers": heads.layers, "epsilons": {}}
     for eps in heads.epsilons():
         entry = {"active_layers": heads.active_layers(eps), "teacher_forced": teacher_forced(heads, hf, cost_model, eps)}
@@ -176,7 +182,7 @@ def evaluate(loaded, heads, prompts: list[str], texts: list[Sample], cost_model,
             entry["gated_teacher_forced"] = teacher_forced(heads, hf, cost_model, eps, gated=True)
         if entry["active_layers"]:
             live = on_policy(loaded, heads, prompts, eps, max_tokens=max_tokens, batch=batch,
-                             cache=cache_dir / "eval_on_policy.jsonl" if cache_dir else None)
+                             cache=cache_dir / "eval_on_policy.jsonl" if cache_dir else None, reference=labeller)
             live.pop("samples")
             entry["on_policy"] = live
         else:
@@ -184,7 +190,8 @@ def evaluate(loaded, heads, prompts: list[str], texts: list[Sample], cost_model,
                                   "note": "no active exits at this epsilon: every token runs at full depth"}
         gated_layers = [k for k, t in heads.thresholds(eps, gated=True).items() if math.isfinite(t)]
         if heads.calibration_entry(eps).get("gated") and gated_layers:
-            entry["gated_on_policy"] = gated_on_policy(loaded, heads, prompts, eps, cost_model, max_tokens=max_tokens)
+            entry["gated_on_policy"] = gated_on_policy(loaded, heads, prompts, eps, cost_model, max_tokens=max_tokens,
+                                                       reference=labeller)
         if hf_text is not None:
             entry["perplexity"] = perplexity(heads, hf_text, cost_model, eps)
         results["epsilons"][f"{eps:g}"] = entry

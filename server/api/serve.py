@@ -20,6 +20,9 @@ def register(subparsers):
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, Hugging Face folder, or .gguf file")
     p.add_argument("--heads", default="auto",
                    help="exit-head folder; 'auto' = the heads shipped for the model, if any; 'none' = no early exit")
+    p.add_argument("--tune", default=None,
+                   help="folder written by 'offramp tune': serve the model with its delta merged (and, with "
+                        "--heads auto, its heads)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -42,7 +45,7 @@ def engine_config(args):
     from server.engine.config import EngineConfig, parse_memory
 
     heads = None if args.heads.lower() == "none" else args.heads
-    kwargs = dict(model=args.model, heads=heads, device=args.device, dtype=args.dtype,
+    kwargs = dict(model=args.model, heads=heads, tune=args.tune, device=args.device, dtype=args.dtype,
                   max_model_len=args.max_model_len,
                   kv_cache_memory=parse_memory(args.kv_cache_memory) if args.kv_cache_memory else None)
     if args.max_num_seqs is not None:

@@ -14,6 +14,9 @@ class EngineConfig:
     """Model alias, GGUF file or Hugging Face folder (anything server.model.loader.load_model takes)."""
     heads: str | None = "auto"
     """Exit-head folder; "auto" = the heads shipped for this model if there are any; None = no early exit."""
+    tune: str | None = None
+    """A folder written by `offramp tune`: its delta is merged into the model at load, and with heads
+    "auto" its own head set (calibrated against the original model) is used."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     dtype: str = "auto"

@@ -56,7 +56,14 @@ class LLMEngine:
 
         torch.manual_seed(config.seed)
         loaded = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype)
-        heads = load_heads(config.heads, loaded)
+        heads_spec = config.heads
+        if config.tune is not None:  # original + delta; heads made for the original are refused from now on
+            from calibration.lora import apply_tune
+
+            tuned_heads = apply_tune(loaded, config.tune)
+            heads_spec = str(tuned_heads) if heads_spec == "auto" else heads_spec
+            log.info("serving %s with the depth-tuning delta %s", loaded.name, config.tune)
+        heads = load_heads(heads_spec, loaded)
         return cls(loaded.model, loaded.tokenizer, config, heads, observer)
 
     def _num_blocks(self, max_len: int, device: torch.device, dtype: torch.dtype) -> int:

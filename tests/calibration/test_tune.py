@@ -1,6 +1,7 @@
 """Depth-tuning on the tiny random model: loss weights and layer dropout as the seeds define them,
 the anchor keeping the tuned model faithful (and its absence letting it drift), resumable training
 and the `offramp tune` command end to end."""
+import argparse
 import itertools
 import json
 import math
@@ -196,6 +197,81 @@ def test_tune_command_writes_a_servable_delta_and_resumes(tiny_dir, tmp_path, ca
     assert heads.epsilons() == [0.9, 0.95, 0.99] and heads.default_epsilon == 0.95
     assert heads.meta["calibration"]["agreement_with"] == "original model"
     assert math.isclose(heads.meta["tune"]["recipe"]["layer_dropout"], 0.2)
+    served_by_engine_with_tune(tiny_dir, out, loaded)
+    evaluated_against_the_original(tiny_dir, out, prompts, tmp_path)
+
+
+def evaluated_against_the_original(tiny_dir, out, prompts, tmp_path):
+    """`offramp eval --tune OUT`: teacher-forced on the ORIGINAL model's greedy replies, a tuned head
+    agrees when its top-1 equals the original's. Checked directly with every token exiting at layer 2."""
+    import shutil
+
+    from calibration.data import chat_ids
+    from calibration.lora import apply_tune
+    from server.cli import main
+    from server.model.generate import generate
+
+    heads_dir = tmp_path / "heads-exit-at-2"
+    shutil.copytree(out / "heads", heads_dir)
+    meta = json.loads((heads_dir / "exits.json").read_text())
+    meta["calibration"]["epsilons"] = {"0.9": {"thresholds": {"2": 0.0, "4": None}}}
+    meta["calibration"]["default_epsilon"] = 0.9
+    (heads_dir / "exits.json").write_text(json.dumps(meta))
+    report_path = tmp_path / "eval-tune.json"
+    assert main(["eval", "--model", str(tiny_dir), "--tune", str(out), "--heads", str(heads_dir), "--prompts",
+                 str(prompts), "--max-tokens", "8", "--batch", "2", "--threads", "1", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    original, tuned = load_model(str(tiny_dir)), load_model(str(tiny_dir))
+    apply_tune(tuned, out)
+    heads = ExitHeadSet.load(heads_dir, config=tuned.config, fingerprint=tuned.fingerprint)
+    agreed = total = 0
+    for prompt in prompts.read_text().splitlines():
+        prompt_ids = chat_ids(original.tokenizer, prompt)
+        ids = prompt_ids + generate(original.model, prompt_ids, 8,
+                                    eos_token_ids=original.tokenizer.eos_token_ids).token_ids
+        with torch.no_grad():
+            labels = original.model.forward(torch.tensor([ids]))[0].argmax(-1)
+            _, hidden = tuned.model.forward(torch.tensor([ids]), output_hidden_states=True)
+            head_top1 = heads.head(2).logits(hidden[2][0], tuned.model.lm_head.weight).argmax(-1)
+        for p in range(len(prompt_ids), len(ids) - 1):  # decode rows
+            total += 1
+            agreed += int(head_top1[p] == labels[p])
+    tf = report["epsilons"]["0.9"]["teacher_forced"]
+    assert report["agreement_with"] == "original model"
+    assert tf["num_tokens"] == total and tf["exit_fraction"] == 1.0
+    assert tf["agreement"] == pytest.approx(agreed / total, abs=1e-12)
+
+
+def served_by_engine_with_tune(tiny_dir, out, merged):
+    """`offramp serve --tune OUT`: the engine runs original + delta (same greedy tokens as the merged
+    model at full depth) with the tune's own heads; heads of the original model are refused."""
+    from server.api.serve import engine_config, register as register_serve
+    from server.engine.config import EngineConfig
+    from server.engine.engine import LLMEngine
+    from server.engine.sampling_params import SamplingParams
+    from server.model.exit_heads import HeadSetError
+    from server.model.generate import generate
+
+    parser = argparse.ArgumentParser()
+    register_serve(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(tiny_dir), "--tune", str(out), "--device", "cpu"])
+    config = engine_config(args)
+    assert config.tune == str(out) and config.heads == "auto"
+    engine = LLMEngine.from_config(config)
+    assert engine.heads is not None and engine.heads.layers == [2, 4]
+    assert engine.heads.meta["base_model"]["fingerprint"] == merged.fingerprint  # the tuned fingerprint
+    prompt = merged.tokenizer.encode("what is the capital of france")
+    got = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, early_exit=False,
+                                                   ignore_eos=True))[0].outputs[0].token_ids
+    assert got == generate(merged.model, prompt, 12).token_ids
+    original = load_model(str(tiny_dir))
+    tuned_state = merged.model.state_dict()
+    assert any(not torch.equal(t, tuned_state[name]) for name, t in original.model.state_dict().items())
+    original_heads = tiny_dir.parent / "original-heads"
+    ExitHeadSet.create(original.model, [2], AdapterSpec("norm"), {"name": original.name,
+                                                                  "fingerprint": original.fingerprint}).save(original_heads)
+    with pytest.raises(HeadSetError, match="fingerprint"):
+        LLMEngine.from_config(EngineConfig(model=str(tiny_dir), tune=str(out), heads=str(original_heads), device="cpu"))
 
 
 def test_agreement_is_counted_against_the_original_model_not_the_tuned_one(tiny_dir):
