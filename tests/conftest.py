@@ -180,3 +180,17 @@ def tiny_gguf(tmp_path, tiny_vocab):
         return TinyGGUF(path, hf, state_dict, tiny_vocab)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """(model folder, heads folder) of the tiny random Llama: 6 layers, exits at 2 and 4,
+    eps 0.9 (both heads on) and 0.99 (default; layer 4 only)."""
+    from server.model.loader import load_model
+    from tests.tiny_model import write_tiny_heads, write_tiny_model
+
+    torch.set_num_threads(1)
+    model_dir = write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    loaded = load_model(str(model_dir))
+    heads_dir = write_tiny_heads(tmp_path_factory.mktemp("heads"), loaded.model, loaded.fingerprint)
+    return model_dir, heads_dir

@@ -2,27 +2,13 @@
 httpx client speaking ASGI to that app (no sockets)."""
 import httpx
 import pytest
-import torch
 
 from server.api.app import ServerState, build_app
 from server.api.engine_client import start_engine
 from server.engine.config import EngineConfig
 from server.metrics import Metrics
-from server.model.loader import load_model
-from tests.tiny_model import write_tiny_heads, write_tiny_model
 
 MODEL = "tiny"
-
-
-@pytest.fixture(scope="session")
-def tiny_folders(tmp_path_factory):
-    """(model folder, heads folder) of the tiny random Llama: 6 layers, exits at 2 and 4,
-    eps 0.9 (both heads on) and 0.99 (default; layer 4 only)."""
-    torch.set_num_threads(1)
-    model_dir = write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-    loaded = load_model(str(model_dir))
-    heads_dir = write_tiny_heads(tmp_path_factory.mktemp("heads"), loaded.model, loaded.fingerprint)
-    return model_dir, heads_dir
 
 
 @pytest.fixture(scope="session")

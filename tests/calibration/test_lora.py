@@ -9,21 +9,6 @@ from calibration.lora import (LoRALinear, TuneError, apply_tune, attach_lora, de
                               lora_modules, lora_state, save_delta)
 from server.model.exit_heads import AdapterSpec, ExitHeadSet, HeadSetError
 from server.model.loader import load_model
-from tests.tiny_model import write_tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls on a shared machine: more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
 
 
 def randomise(model, seed=0):

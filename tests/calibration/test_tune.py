@@ -15,21 +15,7 @@ from calibration.tune_cli import batches, documents
 from server.cli import UsageError
 from server.model.exit_heads import AdapterSpec, ExitHeadSet
 from server.model.loader import load_model
-from tests.tiny_model import _corpus, write_tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matmuls on a shared machine: more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+from tests.tiny_model import _corpus
 
 
 def test_uniform_weights_are_equal():

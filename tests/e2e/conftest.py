@@ -9,10 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from server.model.loader import load_model
-from tests.tiny_model import write_tiny_heads, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,15 +57,6 @@ class ServerProcess:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
-
-
-@pytest.fixture(scope="session")
-def tiny_folders(tmp_path_factory):
-    torch.set_num_threads(1)
-    model_dir = write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-    loaded = load_model(str(model_dir))
-    heads_dir = write_tiny_heads(tmp_path_factory.mktemp("heads"), loaded.model, loaded.fingerprint)
-    return model_dir, heads_dir
 
 
 @pytest.fixture(scope="session")
