@@ -33,6 +33,11 @@ class EngineConfig:
     """Share of the GPU memory left free after loading that the KV pool may take (CUDA only)."""
     block_size: int = 16
     """Tokens per KV block."""
+    gate_whole_batch: bool = True
+    """With a gated plan, ask a head in a step only when every decode row reaching it passes its gate.
+    At a few rows a head costs the reading of the LM head whatever the row count, and the layers an
+    exited row skips still run for the rows that stay, so asking for part of the batch costs time
+    and saves none (BENCHMARKS.md, serving benchmark). False: per row, which saves FLOPs."""
     cuda_graphs: bool = False
     """Capture CUDA graphs for decode segments (not implemented yet; must stay False)."""
     seed: int = 0

@@ -41,6 +41,7 @@ class ExitPlan:
     controls: SamplingTensors  # per decode row, for the kernel's sampling at an exit
     prefill_depths: torch.Tensor  # [P] int64: how deep each prefill row runs (L for prompt tokens)
     needs_logits: torch.Tensor  # [N] bool: rows whose final logits are wanted if they reach the end
+    gate_whole_batch: bool = False  # a gated head is asked only if every live decode row is asked and passes
 
 
 @dataclass
@@ -120,8 +121,9 @@ def _run_segment(model, hidden, positions, store, start: int, end: int, left: Le
 
 def _pass_gate(head, hidden, rows, asked, head_index, plan, result) -> torch.Tensor:
     """The asked rows (original ids, ascending) whose gate lets them ask the head: those with no gate
-    (cut -inf) and those whose gate score [n] on their hidden state reaches their cut. The gate only
-    saves head evaluations; the threshold still decides every exit."""
+    (cut -inf) and those whose gate score [n] on their hidden state reaches their cut; with
+    gate_whole_batch, all of them or none. The gate only saves head evaluations; the threshold
+    still decides every exit."""
     cuts = plan.gate_cuts[asked, head_index]
     gated = torch.isfinite(cuts)
     if not len(asked) or not bool(gated.any()) or head.gate is None:
@@ -131,6 +133,8 @@ def _pass_gate(head, hidden, rows, asked, head_index, plan, result) -> torch.Ten
     result.gates_evaluated[asked[gated]] += 1
     keep = ~gated
     keep[gated] = score >= cuts[gated]
+    if plan.gate_whole_batch and not (bool(keep.all()) and len(asked) == len(rows)):
+        return asked[:0]
     return asked[keep]
 
 

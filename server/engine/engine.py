@@ -45,7 +45,8 @@ class LLMEngine:
         self.pool = KVPool(model.config, num_blocks, config.block_size, device, dtype)
         self.max_model_len = min(max_len, self.block_manager.capacity_tokens)  # a lone sequence always fits
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, heads, self.pool, self.block_manager, self.eos_token_ids)
+        self.runner = ModelRunner(model, heads, self.pool, self.block_manager, self.eos_token_ids,
+                                  gate_whole_batch=config.gate_whole_batch)
         self.requests: dict[str, Request] = {}
         self.last_step: StepStats | None = None
         self._next_seq_id = 0

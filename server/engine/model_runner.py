@@ -36,8 +36,9 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, heads: ExitHeadSet | None, pool: KVPool,
-                 block_manager: BlockManager, eos_token_ids: list[int]):
+                 block_manager: BlockManager, eos_token_ids: list[int], gate_whole_batch: bool = True):
         self.model = model
+        self.gate_whole_batch = gate_whole_batch
         self.heads = heads
         self.pool = pool
         self.block_manager = block_manager
@@ -78,6 +79,7 @@ class ModelRunner:
         plan = early_exit.ExitPlan(
             thresholds=torch.tensor([s.thresholds for s in decode]).float().view(len(decode), self.num_heads),
             gate_cuts=torch.tensor([s.gate_cuts for s in decode]).float().view(len(decode), self.num_heads),
+            gate_whole_batch=self.gate_whole_batch,
             controls=controls.rows(torch.arange(len(decode))), prefill_depths=torch.tensor(depths, dtype=torch.long),
             needs_logits=torch.tensor(needs_logits, dtype=torch.bool))
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)

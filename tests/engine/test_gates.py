@@ -14,10 +14,11 @@ from tests.engine.helpers import random_prompts, run_staggered
 from tests.tiny_model import write_tiny_heads
 
 PLAIN = {2: 0.05, 4: 0.02}  # the fixture's eps-0.9 thresholds: many exits at both heads
+CUT_MOST_PASS = 0.012  # the probes below score about 10% of rows under it: a batch of 4 often passes whole
 GATED = {"thresholds": {2: 0.05, 4: 0.02}, "gate_cuts": {2: 0.5, 4: -math.inf}}  # gate only at layer 2
 
 
-def gated_heads(tiny, folder, plain_saved: float, gated_saved: float) -> ExitHeadSet:
+def gated_heads(tiny, folder, plain_saved: float, gated_saved: float, cut: float = 0.5) -> ExitHeadSet:
     """The tiny heads with random gate probes and one calibrated eps (0.9) holding both plans."""
     heads = ExitHeadSet.load(write_tiny_heads(folder, tiny.model, tiny.fingerprint), config=tiny.config,
                              fingerprint=tiny.fingerprint)
@@ -27,13 +28,14 @@ def gated_heads(tiny, folder, plain_saved: float, gated_saved: float) -> ExitHea
         for head in heads.heads.values():
             head.gate.weight.normal_(0.0, 0.5)  # scores spread around 0.5: the cut passes about half the rows
     entry = {"thresholds": PLAIN, "teacher_forced": {"saved_fraction": plain_saved},
-             "gated": {**GATED, "teacher_forced": {"saved_fraction": gated_saved}}}
+             "gated": {"thresholds": GATED["thresholds"], "gate_cuts": {**GATED["gate_cuts"], 2: cut},
+                       "teacher_forced": {"saved_fraction": gated_saved}}}
     heads.set_calibration("margin", {0.9: entry}, default_epsilon=0.9)
     return heads
 
 
-def engine_with(tiny, heads) -> LLMEngine:
-    return LLMEngine(tiny.model, tiny.tokenizer, EngineConfig(model="tiny", max_num_seqs=32), heads)
+def engine_with(tiny, heads, **overrides) -> LLMEngine:
+    return LLMEngine(tiny.model, tiny.tokenizer, EngineConfig(model="tiny", max_num_seqs=32, **overrides), heads)
 
 
 def test_plan_choice(tiny, tmp_path):
@@ -48,8 +50,9 @@ def test_plan_choice(tiny, tmp_path):
 
 
 def test_gated_engine_equals_reference(tiny, tmp_path):
+    """Per-row gating (gate_whole_batch off): each row asks the head where its own gate passes."""
     heads = gated_heads(tiny, tmp_path / "h", plain_saved=0.0, gated_saved=0.1)
-    engine = engine_with(tiny, heads)
+    engine = engine_with(tiny, heads, gate_whole_batch=False)
     prompts = random_prompts([3, 17, 40, 9, 25, 5], seed=7)
     params = SamplingParams(max_tokens=24, temperature=0, exit_epsilon=0.9, ignore_eos=True)
     final = run_staggered(engine, prompts, params, arrivals=[0, 0, 1, 3, 3, 6])
@@ -85,3 +88,30 @@ def test_gates_are_counted(tiny, tmp_path):
         blocked += all(margin_layer != 2 for margin_layer, _ in stats.exit_margins)
         checked += 1
     assert checked == 39 and 0 < blocked < checked
+
+
+def test_whole_batch_gating(tiny, tmp_path):
+    """gate_whole_batch (the default): a gated head is asked for all decode rows of a step or none;
+    a lone sequence runs exactly the reference's gated path."""
+    heads = gated_heads(tiny, tmp_path / "h", plain_saved=0.0, gated_saved=0.1, cut=CUT_MOST_PASS)
+    prompts = random_prompts([3, 17, 40, 9], seed=7)
+    params = SamplingParams(max_tokens=24, temperature=0, exit_epsilon=0.9, ignore_eos=True)
+    alone = engine_with(tiny, heads).generate([prompts[1]], params)[0].outputs[0]
+    expected = reference_generate(tiny.model, prompts[1], 24, heads=heads, thresholds=GATED["thresholds"],
+                                  gate_cuts={2: CUT_MOST_PASS, 4: -math.inf})
+    assert (alone.token_ids, alone.exit_layers) == (expected.token_ids, expected.exit_layers)
+
+    engine = engine_with(tiny, heads)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    asked_steps = skipped_steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        stats = engine.last_step
+        if stats.num_prompt_tokens:
+            continue  # prefill steps (all prompts arrive at once): decode rows are checked after
+        asked = sum(layer == 2 for layer, _ in stats.exit_margins)  # layer 2 is the first head
+        assert asked in (0, len(stats.exit_layers)), (asked, len(stats.exit_layers))
+        asked_steps += asked > 0
+        skipped_steps += asked == 0
+    assert asked_steps > 0 and skipped_steps > 0  # the batch asked together sometimes, and was held back
