@@ -1,5 +1,7 @@
 """In-process fixtures: the real engine on the tiny random model, an app around it per test, and an
 httpx client speaking ASGI to that app (no sockets)."""
+import time
+
 import httpx
 import pytest
 
@@ -28,8 +30,13 @@ def engine(engine_and_info):
 
 @pytest.fixture
 def state(engine_and_info):
-    """A fresh server around the shared engine, with its own metrics registry."""
+    """A fresh server around the shared engine, with its own metrics registry. The engine is drained
+    first: a request an earlier test gave up on may still be finishing, and its tokens must not be
+    counted by this test's metrics."""
     engine, info = engine_and_info
+    deadline = time.monotonic() + 30
+    while (engine.engine.has_unfinished_requests() or engine._inbox) and time.monotonic() < deadline:
+        time.sleep(0.01)
     state = ServerState()
     metrics = Metrics(info.name, info.exit_layers, info.num_hidden_layers, process_metrics=False)
     engine.observer = metrics
