@@ -170,7 +170,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     questions = read_prompts(args.prompts, args.num_prompts)
     config = EngineConfig(model=args.model, heads=args.heads, device=args.device, dtype=args.dtype,
-                          max_num_seqs=len(questions), max_num_batched_tokens=max(1024, len(questions)))
+                          max_num_seqs=len(questions), max_num_batched_tokens=max(1024, len(questions)),
+                          gate_whole_batch=False)  # each sequence decides as it would alone, batch-invariant
     loaded = load_model(args.model, device=config.torch_device, dtype=config.torch_dtype)
     heads = load_heads(args.heads, loaded)
     if heads is None:

@@ -23,6 +23,9 @@ def register(subparsers):
     p.add_argument("--tune", default=None,
                    help="folder written by 'offramp tune': serve the model with its delta merged (and, with "
                         "--heads auto, its heads)")
+    p.add_argument("--gate-per-row", action="store_true",
+                   help="ask a gated exit head for each row whose gate passes, not only when the whole batch's "
+                        "gates pass (saves FLOPs; at small batches it costs time)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -45,7 +48,8 @@ def engine_config(args):
     from server.engine.config import EngineConfig, parse_memory
 
     heads = None if args.heads.lower() == "none" else args.heads
-    kwargs = dict(model=args.model, heads=heads, tune=args.tune, device=args.device, dtype=args.dtype,
+    kwargs = dict(model=args.model, heads=heads, tune=args.tune, gate_whole_batch=not args.gate_per_row,
+                  device=args.device, dtype=args.dtype,
                   max_model_len=args.max_model_len,
                   kv_cache_memory=parse_memory(args.kv_cache_memory) if args.kv_cache_memory else None)
     if args.max_num_seqs is not None:
