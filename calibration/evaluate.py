@@ -68,10 +68,11 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
 def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_model, *, max_tokens: int,
                     reference=None) -> dict:
     """The gated plan, greedy, one sequence at a time with a contiguous cache (an independent check
-    of what the engine runs when `ExitHeadSet.uses_gates`): at each active head the gate runs first, the head only where the gate
-    passes, and a row exits where its margin reaches the threshold (KV of the skipped layers
-    filled from its exit hidden state, as the engine does). Then the full model is teacher-forced
-    on the output, as in `on_policy`. Margin policy only."""
+    of what the engine runs when `ExitHeadSet.uses_gates`): at each active head the gate runs
+    first, the head only where the gate passes, and a row exits where its margin reaches the
+    threshold (KV of the skipped layers filled from its exit hidden state, as the engine does).
+    Then the full model (or `reference`) is teacher-forced on the output, as in `on_policy`.
+    Margin policy only."""
     if heads.policy != "margin":
         raise ValueError(f"the gated on-policy check runs the margin policy, not {heads.policy!r}")
     model, tokenizer = loaded.model, loaded.tokenizer
