@@ -124,9 +124,11 @@ def _pass_gate(head, hidden, rows, asked, head_index, plan, result) -> torch.Ten
     (cut -inf) and those whose gate score [n] on their hidden state reaches their cut; with
     gate_whole_batch, all of them or none. The gate only saves head evaluations; the threshold
     still decides every exit."""
+    if head.gate is None or not len(asked):  # the common case (no gate probes) costs nothing here
+        return asked
     cuts = plan.gate_cuts[asked, head_index]
     gated = torch.isfinite(cuts)
-    if not len(asked) or not bool(gated.any()) or head.gate is None:
+    if not bool(gated.any()):
         return asked
     position = torch.searchsorted(rows, asked[gated]).to(hidden.device)
     score = head.gate_score(hidden[position]).cpu()
