@@ -22,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 
+from server.model.fetch import DEFAULT_MODEL
+
 QUESTIONS = [
     "Write a short story about a lighthouse keeper.", "Explain how a rainbow forms.",
     "Give me three tips for learning a new language.", "What is the difference between a virus and a bacterium?",
@@ -164,7 +166,7 @@ def main(argv=None):
     from server.model.loader import load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--heads", default="synthetic", help="head-set folder, auto, or synthetic")
     parser.add_argument("--synthetic-layers", type=int, nargs="+", default=[16])
     parser.add_argument("--synthetic-exit-rate", type=float, default=0.5)

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from server.model.fetch import DEFAULT_MODEL
+
 
 def build_hf_model(loaded):
     import transformers
@@ -28,7 +30,7 @@ def main(argv=None):
     from server.model.loader import load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)

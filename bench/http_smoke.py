@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from server.model.fetch import DEFAULT_MODEL
+
 PROMPTS = [
     "Explain why the sky is blue in two sentences.",
     "Write a short poem about a lighthouse.",
@@ -129,7 +131,7 @@ def describe(url: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server; otherwise one is started")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--heads", default=None, help="passed to offramp serve (default: its own default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the started server")

@@ -24,6 +24,7 @@ import time
 import torch
 
 from bench.prompts import chat_prompt_ids, read_prompts
+from server.model.fetch import DEFAULT_MODEL
 
 
 def build_hf_model(loaded):
@@ -207,7 +208,7 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--heads", default="auto", help="exit-head folder, or auto (the shipped heads)")
     parser.add_argument("--prompts", required=True, help="JSONL of questions (turns[0], prompt or text per line)")
     parser.add_argument("--epsilon", type=float, nargs="*", default=[0.95], help="early-exit runs (none: skip)")

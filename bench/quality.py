@@ -144,7 +144,7 @@ def format_report(report: dict) -> str:
 
 
 def add_arguments(p) -> None:
-    from server.cli import DEFAULT_MODEL
+    from server.model.fetch import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--heads", default="auto", help="exit-head folder; auto = the heads shipped for the model")
@@ -161,7 +161,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from server.cli import UsageError
+    from server.errors import UsageError
     from server.engine.config import EngineConfig
     from server.engine.engine import LLMEngine, load_heads
     from server.model.loader import load_model

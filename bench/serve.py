@@ -343,7 +343,7 @@ def format_report(report: dict) -> str:
 
 
 def settings_from_args(args) -> BenchSettings:
-    from server.cli import UsageError
+    from server.errors import UsageError
 
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UsageError("--num-prompts must be at least 1")

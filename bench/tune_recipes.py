@@ -23,13 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.model.fetch import DEFAULT_MODEL
+
 EPSILONS = (0.9, 0.95, 0.99)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.tune_recipes", description=__doc__.split("\n\n")[0])
     p.add_argument("recipes", nargs="+", help="NAME=heads:DIR or NAME=tune:DIR")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prompts", default=None, help="prompt file (default: the shipped calib.txt)")
     p.add_argument("--calib-prompts", type=int, default=64)
     p.add_argument("--test-prompts", type=int, default=32)
@@ -106,7 +108,7 @@ def on_policy(loaded, heads, epsilon, prompts, max_tokens, original: OriginalTop
 
 
 def evaluate_recipe(args, kind, path, calib, test, test_prompts, original) -> dict:
-    from calibration.lora import apply_tune
+    from server.model.tune_delta import apply_tune
     from calibration.thresholds import calibrate_sequential, cost_aware_select, exit_report
     from calibration.tune import exit_features
     from server.model.costs import CostModel

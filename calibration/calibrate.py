@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from calibration.data import Sample, batches
-from calibration.policies import ExitFeatures, get_policy, pairwise_cosine
+from server.engine.exit_policies import ExitFeatures, get_policy, pairwise_cosine
 from calibration.thresholds import assign_exits, calibrate_sequential, clopper_pearson_lower
 from server.model.costs import CostModel
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from server.cli import DEFAULT_MODEL, UsageError
+from server.errors import UsageError
+from server.model.fetch import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -166,7 +167,7 @@ def run_calibrate(args):
     from calibration.calibrate import calibrate, head_features, metadata
     from calibration.data import data_hash, file_hash, generate_replies
     from calibration.evaluate import gated_on_policy, on_policy
-    from calibration.policies import POLICIES
+    from server.engine.exit_policies import POLICIES
     from server.model.costs import CostModel
     from server.model.exit_heads import ExitHeadSet
 
@@ -247,7 +248,7 @@ def run_calibrate(args):
 
 
 def get_params(policy: str) -> dict:
-    from calibration.policies import get_policy
+    from server.engine.exit_policies import get_policy
 
     return get_policy(policy).params()
 
@@ -276,7 +277,7 @@ def run_eval(args):
     loaded = _setup(args)
     heads_dir = args.heads
     if args.tune is not None:
-        from calibration.lora import apply_tune
+        from server.model.tune_delta import apply_tune
         from server.model.loader import load_model
 
         original = load_model(args.model, device=loaded.model.lm_head.weight.device)

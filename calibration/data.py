@@ -95,7 +95,9 @@ def generate_replies(loaded, prompts: list[str], *, max_tokens: int, temperature
         max_len = max(len(chat_ids(tokenizer, jobs[j][0])) for j in missing) + max_tokens + 1
         engine = LLMEngine(loaded.model, tokenizer, EngineConfig(
             model=loaded.name, heads=None, max_num_seqs=batch, max_num_batched_tokens=max(1024, batch),
-            max_model_len=max_len, kv_cache_memory=kv_pool_bytes(loaded.config, batch, max_len)), heads=heads)
+            max_model_len=max_len,
+            kv_cache_memory=kv_pool_bytes(loaded.config, batch, max_len, dtype=loaded.model.lm_head.weight.dtype)),
+            heads=heads)
         for first in range(0, len(missing), batch):
             chunk = missing[first:first + batch]
             ids = [chat_ids(tokenizer, jobs[j][0]) for j in chunk]
@@ -146,11 +148,12 @@ def _read_cache(cache: Path | None) -> dict:
     return done
 
 
-def kv_pool_bytes(config, batch: int, max_len: int, block_size: int = 16) -> int:
-    """Bytes of a float32 KV pool that holds `batch` sequences of max_len tokens, so generation never preempts."""
+def kv_pool_bytes(config, batch: int, max_len: int, block_size: int = 16, dtype=torch.float32) -> int:
+    """Bytes of a KV pool that holds `batch` sequences of max_len tokens, so generation never preempts."""
+    from server.engine.kv_cache import KVPool
+
     blocks = batch * (-(-max_len // block_size) + 1)
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    return blocks * block_size * per_token
+    return blocks * KVPool.bytes_per_block(config, block_size, dtype)
 
 
 def text_samples(path, tokenizer, *, seq_len: int = 256, max_tokens: int | None = None) -> list[Sample]:

@@ -18,7 +18,7 @@ import torch
 
 from calibration.calibrate import execution, head_features, report
 from calibration.data import Sample, batches, chat_ids, generate_replies
-from calibration.policies import get_policy
+from server.engine.exit_policies import get_policy
 from server.model.llama import ContiguousKVCache
 
 
@@ -128,7 +128,7 @@ def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_mode
             "heads": per_head, "saved_fraction": 1 - spent / full if full else 0.0}
 
 
-def exit_plan(heads, hf, epsilon, gated=False):
+def kept_head_statistics(heads, hf, epsilon, gated=False):
     """(kept head indices, their stats, thresholds, gate cuts) of the head set's plain or gated
     plan at epsilon, on features hf."""
     thresholds = heads.thresholds(epsilon, gated)
@@ -139,7 +139,7 @@ def exit_plan(heads, hf, epsilon, gated=False):
 
 
 def teacher_forced(heads, hf, cost_model, epsilon, gated=False) -> dict:
-    kept, stats, thresholds, cuts = exit_plan(heads, hf, epsilon, gated)
+    kept, stats, thresholds, cuts = kept_head_statistics(heads, hf, epsilon, gated)
     all_stats = np.zeros_like(hf.correct, dtype=float)
     if kept:
         all_stats[kept] = stats
@@ -151,7 +151,7 @@ def teacher_forced(heads, hf, cost_model, epsilon, gated=False) -> dict:
 
 def perplexity(heads, hf, cost_model, epsilon) -> dict:
     """Perplexity of the early-exit predictions (plain plan) and of full depth, teacher-forced on text."""
-    kept, stats, thresholds, cuts = exit_plan(heads, hf, epsilon)
+    kept, stats, thresholds, cuts = kept_head_statistics(heads, hf, epsilon)
     logprob_full = hf.next_logprob[-1]
     if kept:
         run = execution(stats, thresholds, hf.gate[kept], cuts, [heads.layers[i] for i in kept], cost_model, hf.context)

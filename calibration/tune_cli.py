@@ -14,7 +14,8 @@ import random
 from itertools import islice
 from pathlib import Path
 
-from server.cli import DEFAULT_MODEL, UsageError
+from server.errors import UsageError
+from server.model.fetch import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 PROMPTS_DIR = Path(__file__).parent / "prompts"

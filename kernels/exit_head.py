@@ -126,20 +126,24 @@ def random_seeds(rows: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (rows,), dtype=torch.int64).to(device)
 
 
-def _filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    # scaled [rows, V] = logits / t with the tokens outside top-k, then outside the top-p nucleus of what is
-    # left, at -inf; the nucleus is the smallest set of most probable tokens whose probability reaches top_p.
+def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor | None = None,
+                       top_p: torch.Tensor | None = None) -> torch.Tensor:
+    """scaled [rows, V] (logits / temperature) with the tokens outside top-k, then outside the top-p
+    nucleus of what is left, set to -inf. top_k [rows] (0 = off), top_p [rows] (1 = off), or None.
+    The nucleus is the smallest set of most probable tokens whose probability reaches top_p; the most
+    probable token always stays, and a row with top_p = 1 keeps everything even where the cumulative
+    sum rounds past 1. The one filter of both sampling paths (the sampler and this kernel's reference)."""
     vocab = scaled.shape[-1]
-    if top_k is not None:
-        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).long()
-        kth = scaled.sort(-1, descending=True).values.gather(-1, (k - 1)[:, None])
+    if top_k is not None and bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).long().to(scaled.device)
+        kth = scaled.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])  # [rows, 1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = scaled.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        top_p = top_p.float()[:, None]
-        drop = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1)  # the first token is always kept
-        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if top_p is not None and bool((top_p < 1).any()):
+        ordered, order = scaled.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        top_p = top_p.float().to(scaled.device)[:, None]
+        drop = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1)  # mass before this token already enough
+        scaled = scaled.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     return scaled
 
 
@@ -168,7 +172,7 @@ def exit_head_reference(hidden, norm_weight, lm_head, thresholds, *, eps, temper
         if seed is None:
             seed = random_seeds(logits.shape[0], logits.device)
         on_device = lambda x: None if x is None else x.to(logits.device)
-        scaled = _filter_top_k_top_p(logits * inv_t[:, None], on_device(top_k), on_device(top_p))
+        scaled = filter_top_k_top_p(logits * inv_t[:, None], on_device(top_k), on_device(top_p))
         sampled = (scaled + gumbel_noise(seed.to(logits.device), logits.shape[1])).argmax(-1)
         token = torch.where(inv_t > 0, sampled, token)
     margin = top2[:, 0] - top2[:, 1]

@@ -1,29 +1,33 @@
-"""The `offramp` command. Each subcommand lives beside what it drives and registers itself here."""
+"""The `offramp` command. Each subcommand lives beside what it drives and registers itself here.
+
+Subcommand modules are found through the `offramp.commands` entry points (pyproject.toml), so this
+module never names the offline packages (calibration/, bench/): the server side imports nothing
+from them, and they import from it.
+"""
 import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
-# Modules exposing `register(subparsers)`; each adds one or more subcommands.
-COMMAND_MODULES = [
-    "server.commands",
-    "server.api.serve",
-    "calibration.tune_cli",
-    "bench.cli",
-    "calibration.cli",
-]
+from server.errors import UsageError
 
-DEFAULT_MODEL = "smollm2-135m"
+ENTRY_POINT_GROUP = "offramp.commands"
 
 
-class UsageError(Exception):
-    """A user mistake that deserves one clear line, not a traceback."""
+def command_modules() -> list[str]:
+    """Modules exposing `register(subparsers)`, in the order their commands are listed."""
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    return [entry.value for entry in found]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offramp", description="LLM serving with confidence-routed early exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = command_modules()
+    if not modules:
+        raise RuntimeError(f"no {ENTRY_POINT_GROUP} entry points: install the package (pip install -e .)")
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 

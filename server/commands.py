@@ -1,7 +1,7 @@
 """`offramp fetch` and `offramp generate` (the full-depth reference generator)."""
 import sys
 
-from server.cli import DEFAULT_MODEL
+from server.model.fetch import DEFAULT_MODEL
 
 
 def register(subparsers):

@@ -38,17 +38,17 @@ LAYER_NAMES = {
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """Local path of the default model's GGUF (downloaded on first use, offline afterwards)."""
-    from server.model.fetch import fetch_alias
+    from server.model.fetch import DEFAULT_MODEL, fetch_alias
 
-    return fetch_alias("smollm2-135m")
+    return fetch_alias(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """load_model("smollm2-135m") on CPU, float32: one LoadedModel shared by the whole session."""
+    """load_model(DEFAULT_MODEL) on CPU, float32: one LoadedModel shared by the whole session."""
     from server.model.loader import load_model
 
-    return load_model("smollm2-135m")
+    return load_model()
 
 
 @dataclass

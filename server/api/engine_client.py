@@ -31,8 +31,7 @@ def model_info(engine: AsyncLLMEngine, name: str) -> ModelInfo:
 def scheduler_state(engine: AsyncLLMEngine) -> tuple[int, int, float]:
     """(running, waiting, KV usage) now. Steps report these too, but an idle engine takes no steps, so
     a scrape after the last request left must not show that request's blocks."""
-    core = engine.engine
-    return len(core.scheduler.running), len(core.scheduler.waiting), core.block_manager.usage
+    return engine.scheduler_state()
 
 
 def start_engine(config: EngineConfig, served_model_name: str | None = None,

@@ -10,7 +10,7 @@ import logging
 import signal
 import threading
 
-from server.cli import DEFAULT_MODEL
+from server.model.fetch import DEFAULT_MODEL
 
 log = logging.getLogger("offramp.serve")
 

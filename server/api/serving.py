@@ -7,7 +7,6 @@ the routes never know whether it runs on a thread of this process or somewhere e
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +15,8 @@ from server.api.errors import APIError, bad_request
 from server.api.protocol import ExitUsage, SamplingFields, Usage
 from server.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams, SamplingParamsError
+from server.engine.sequence import PromptError, check_prompt
+from server.model.exit_heads import match_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,11 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     def check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
-        if not ids:
-            raise bad_request("the prompt is empty", param)
-        bad = next((t for t in ids if not 0 <= t < self.info.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is out of vocabulary (0..{self.info.vocab_size - 1})", param)
-        if len(ids) >= self.info.max_model_len:
-            raise bad_request(f"the prompt has {len(ids)} tokens, and max_model_len is {self.info.max_model_len}: "
-                              f"no room to generate", param)
+        """The engine's own prompt check (sequence.check_prompt), as a 400 naming `param`."""
+        try:
+            check_prompt(ids, self.info.vocab_size, self.info.max_model_len)
+        except PromptError as err:
+            raise bad_request(str(err), param) from None
         return ids
 
     def sampling_params(self, request: SamplingFields, prompt_len: int, max_tokens: int | None,
@@ -137,7 +135,7 @@ class OpenAIServing:
             return
         if not self.info.epsilons:
             raise bad_request("exit_epsilon is not available: this server runs without exit heads", "exit_epsilon")
-        if not any(math.isclose(eps, e, abs_tol=1e-9) for e in self.info.epsilons):
+        if match_epsilon(eps, self.info.epsilons) is None:
             available = ", ".join(f"{e:g}" for e in self.info.epsilons)
             raise bad_request(f"exit_epsilon {eps:g} is not calibrated; available: {available}", "exit_epsilon")
 

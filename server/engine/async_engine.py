@@ -69,6 +69,11 @@ class AsyncLLMEngine:
     def kv_capacity_tokens(self) -> int:
         return self.engine.kv_capacity_tokens
 
+    def scheduler_state(self) -> tuple[int, int, float]:
+        """(running, waiting, KV usage), read from another thread: counts of lists the loop thread
+        owns, each read atomically, so at worst a step stale."""
+        return self.engine.scheduler_state()
+
     @property
     def observer(self) -> StatsObserver | None:
         return self.engine.observer

@@ -4,13 +4,15 @@ from dataclasses import dataclass
 
 import torch
 
+from server.model.fetch import DEFAULT_MODEL
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_MEMORY = 1 << 30  # default pool on CPU, before the max_num_seqs * max_model_len cap
 
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """Model alias, GGUF file or Hugging Face folder (anything server.model.loader.load_model takes)."""
     heads: str | None = "auto"
     """Exit-head folder; "auto" = the heads shipped for this model if there are any; None = no early exit."""
@@ -38,8 +40,6 @@ class EngineConfig:
     At a few rows a head costs the reading of the LM head whatever the row count, and the layers an
     exited row skips still run for the rows that stay, so asking for part of the batch costs time
     and saves none (BENCHMARKS.md, serving benchmark). False: per row, which saves FLOPs."""
-    cuda_graphs: bool = False
-    """Capture CUDA graphs for decode segments (not implemented yet; must stay False)."""
     seed: int = 0
     """Seeds torch's generator, from which requests without a seed draw theirs."""
 
@@ -56,7 +56,6 @@ class EngineConfig:
             (self.dtype == "auto" or self.dtype in DTYPES, f"dtype must be auto or one of {', '.join(DTYPES)}"),
             (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              "device must be auto, cpu, cuda or cuda:N"),
-            (not self.cuda_graphs, "cuda_graphs is not implemented yet"),
         ]
         for ok, message in checks:
             if not ok:

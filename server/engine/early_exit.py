@@ -1,6 +1,7 @@
 """One forward step with per-token early exit.
 
-Rows of the step are tokens: [0, D) decode rows (one per decoding sequence), [D, N) prefill rows
+Rows of the step are tokens: [0, D) decode rows (one per decoding sequence; D = num_decode_rows),
+[D, N) prefill rows
 (prompt chunks, or the tokens of a preempted sequence being recomputed). The layers run in
 segments that end at the exit layers of the head set.
 
@@ -35,7 +36,9 @@ from server.model.llama import LlamaForCausalLM
 
 
 @dataclass
-class ExitPlan:
+class StepPlan:
+    """What each row of one step may do: decode rows' thresholds, gate cuts and sampling controls,
+    prefill rows' depths, and which rows want final logits."""
     thresholds: torch.Tensor  # [D, E] f32 per decode row and head (in layer order); inf = never exit there
     gate_cuts: torch.Tensor  # [D, E] f32: ask the head only where gate score >= cut; -inf = no gate
     controls: SamplingTensors  # per decode row, for the kernel's sampling at an exit
@@ -56,6 +59,14 @@ class ExitResult:
     head_top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # row -> top logprobs
     margins: list[tuple[int, float]] = field(default_factory=list)  # (layer, margin) per head evaluation
 
+    @classmethod
+    def start(cls, num_decode_rows: int, num_layers: int, no_logits: torch.Tensor) -> "ExitResult":
+        """Before any exit: every decode row at full depth, nothing evaluated; no_logits [0, V]."""
+        zeros = lambda: torch.zeros(num_decode_rows, dtype=torch.long)
+        return cls(exit_layers=torch.full((num_decode_rows,), num_layers), heads_evaluated=zeros(),
+                   gates_evaluated=zeros(), head_token=torch.full((num_decode_rows,), -1),
+                   head_logprob=torch.zeros(num_decode_rows), final_rows=zeros()[:0], final_logits=no_logits)
+
 
 @dataclass
 class LeftRows:
@@ -69,17 +80,14 @@ class LeftRows:
 
 
 def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVStore, input_ids: torch.Tensor,
-            positions: torch.Tensor, plan: ExitPlan, policy=None) -> ExitResult:
-    num_layers, num_rows, d = model.num_layers, input_ids.shape[0], plan.thresholds.shape[0]
+            positions: torch.Tensor, plan: StepPlan, policy=None) -> ExitResult:
+    num_layers, num_rows, num_decode_rows = model.num_layers, input_ids.shape[0], plan.thresholds.shape[0]
     device = input_ids.device
     hidden = model.embed(input_ids)  # [N, d]
-    live, num_decode = torch.arange(num_rows), d  # on the CPU: they drive Python decisions
-    policy_state = policy.init_state(hidden[:d]) if policy is not None else None  # rows = live decode rows
+    live, num_decode = torch.arange(num_rows), num_decode_rows  # on the CPU: they drive Python decisions
+    policy_state = policy.init_state(hidden[:num_decode]) if policy is not None else None  # rows = live decode rows
     left = LeftRows(hidden[:0], positions[:0], store.meta.slots[:0])
-    result = ExitResult(exit_layers=torch.full((d,), num_layers), heads_evaluated=torch.zeros(d, dtype=torch.long),
-                        gates_evaluated=torch.zeros(d, dtype=torch.long),
-                        head_token=torch.full((d,), -1), head_logprob=torch.zeros(d), final_rows=live[:0],
-                        final_logits=hidden.new_zeros(0, model.config.vocab_size))
+    result = ExitResult.start(num_decode_rows, num_layers, hidden.new_zeros(0, model.config.vocab_size))
     done = 0
     for head_index, layer in enumerate([*(heads.layers if heads is not None else []), num_layers]):
         hidden = _run_segment(model, hidden, positions, store, done, layer, left)
@@ -93,7 +101,7 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
         if len(asked):
             leave[:num_decode] = _ask_head(model, heads.head(layer), hidden[:num_decode], decode_rows, asked,
                                            head_index, plan, result, policy, policy_state)
-        leave[num_decode:] = plan.prefill_depths[live[num_decode:] - d] == layer
+        leave[num_decode:] = plan.prefill_depths[live[num_decode:] - num_decode_rows] == layer
         if leave.any():
             gone, keep = leave.to(device), (~leave).to(device)
             left = left.add(hidden[gone], positions[gone], store.meta.slots[gone])
@@ -113,10 +121,20 @@ def _run_segment(model, hidden, positions, store, start: int, end: int, left: Le
     if not len(left.slots):
         return model.run_layers(hidden, positions, start, end, store) if len(hidden) else hidden
     for layer in range(start, end):
-        store.pool.write(layer, left.slots, *model.layer_kv(layer, left.hidden, left.positions))
+        fill_kv(model, store, layer, left)
         if len(hidden):
             hidden = model.run_layers(hidden, positions, layer, layer + 1, store)
     return hidden
+
+
+def fill_kv(model, store: PagedKVStore, layer: int, left: LeftRows) -> None:
+    """Layer `layer`'s K/V for every row that left before it, written to the pool at their own slots.
+
+    The K/V come from the hidden state each row left with: the layer's input norm, its k and v
+    projections and RoPE at the row's own position, one batched call for all of them. A later token
+    then attends to an exited token at this layer as if it had run every layer (CALM's state
+    propagation); without it, deeper layers would attend to whatever a slot held before."""
+    store.pool.write(layer, left.slots, *model.layer_kv(layer, left.hidden, left.positions))
 
 
 def _pass_gate(head, hidden, rows, asked, head_index, plan, result) -> torch.Tensor:

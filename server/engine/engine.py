@@ -19,9 +19,9 @@ from server.engine.model_runner import ModelRunner, StepOutput
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams, SamplingParamsError
 from server.engine.scheduler import ScheduledBatch, Scheduler
-from server.engine.sequence import Request, Sequence
+from server.engine.sequence import Request, Sequence, check_prompt
 from server.engine.stats import FinishedRequestStats, StatsObserver, StepStats
-from server.model.exit_heads import ExitHeadSet
+from server.model.exit_heads import SHIPPED_HEADS, ExitHeadSet, match_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class LLMEngine:
         loaded = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype)
         heads_spec = config.heads
         if config.tune is not None:  # original + delta; heads made for the original are refused from now on
-            from calibration.lora import apply_tune
+            from server.model.tune_delta import apply_tune
 
             tuned_heads = apply_tune(loaded, config.tune)
             heads_spec = str(tuned_heads) if heads_spec == "auto" else heads_spec
@@ -84,6 +84,10 @@ class LLMEngine:
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.capacity_tokens
 
+    def scheduler_state(self) -> tuple[int, int, float]:
+        """(sequences running, sequences waiting, KV usage as used blocks / all blocks) now."""
+        return len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.usage
+
     def thresholds_for(self, params: SamplingParams) -> tuple[list[float], list[float]]:
         """Per head (layer order), the request's exit threshold (+inf where it never exits) and gate
         cut (-inf: no gate, the head is evaluated for every row that reaches it). Raises
@@ -95,25 +99,18 @@ class LLMEngine:
             return [], []
         epsilons = heads.epsilons()
         eps = params.exit_epsilon
-        if eps is not None and not any(math.isclose(eps, e, abs_tol=1e-9) for e in epsilons):
+        if eps is not None and match_epsilon(eps, epsilons) is None:
             raise SamplingParamsError("exit_epsilon", f"exit_epsilon {eps:g} is not calibrated; "
                                       f"choose one of {', '.join(f'{e:g}' for e in epsilons) or '(none)'}")
         eps = eps if eps is not None else heads.default_epsilon
         if not params.early_exit or eps is None:
             return [math.inf] * len(heads.layers), [-math.inf] * len(heads.layers)
-        thresholds, cuts = heads.exit_plan(eps)
+        thresholds, cuts = heads.served_thresholds(eps)
         return [thresholds[k] for k in heads.layers], [cuts[k] for k in heads.layers]
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> tuple[list[float], list[float]]:
         """Check a request before it is queued; returns its per-head thresholds and gate cuts."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, "
-                             "which leaves no room to generate")
+        check_prompt(prompt_token_ids, self.model_config.vocab_size, self.max_model_len)
         return self.thresholds_for(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -225,8 +222,7 @@ class LLMEngine:
                 gaps.append(now - seq.last_token_time)
             seq.last_token_time = request.last_token_time = now
         self.last_step = StepStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.block_manager.usage, num_preemptions=batch.num_preemptions,
+            *self.scheduler_state(), num_preemptions=batch.num_preemptions,
             num_prompt_tokens=batch.num_prefill_tokens, num_generation_tokens=len(out.seqs), step_seconds=seconds,
             deepest_layer=out.deepest_layer, exit_layers=list(out.exit_layers), exit_margins=out.margins,
             decode_flops=sum(out.flops), decode_flops_full_depth=sum(out.flops_full_depth),
@@ -266,9 +262,7 @@ def load_heads(spec: str | None, loaded) -> ExitHeadSet | None:
     if spec is None or spec == "none":
         return None
     if spec == "auto":
-        import calibration
-
-        path = Path(calibration.__file__).parent / "heads" / loaded.name
+        path = SHIPPED_HEADS / loaded.name
         if not (path / "exits.json").is_file():
             log.warning("no exit heads shipped for %s: running at full depth", loaded.name)
             return None

@@ -92,8 +92,8 @@ class PagedKVStore:
 
     def select(self, keep: torch.Tensor) -> "PagedKVStore":
         """keep [N] bool over the current rows -> a store for the rows kept (order preserved)."""
-        m, d = self.meta, self.meta.num_decode
-        keep_decode, keep_prefill = keep[:d], keep[d:]
+        m, num_decode = self.meta, self.meta.num_decode
+        keep_decode, keep_prefill = keep[:num_decode], keep[num_decode:]
         narrowed = StepMetadata(m.slots[keep], m.decode_tables[keep_decode], m.decode_mask[keep_decode],
                                 m.prefill_tables, m.prefill_mask, m.prefill_index[keep_prefill])
         return PagedKVStore(self.pool, narrowed)
@@ -104,15 +104,15 @@ class PagedKVStore:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, Dh], k/v [N, Hkv, Dh] -> [N, Hq, Dh]."""
         self.write(layer, k, v)
-        m, d = self.meta, self.meta.num_decode
+        m, num_decode = self.meta, self.meta.num_decode
         outputs = []
-        if d:
+        if num_decode:
             keys, values = self.pool.gather(layer, m.decode_tables)  # [D, Hkv, C, Dh]
-            out = F.scaled_dot_product_attention(q[:d].unsqueeze(2), keys, values, attn_mask=m.decode_mask,
+            out = F.scaled_dot_product_attention(q[:num_decode].unsqueeze(2), keys, values, attn_mask=m.decode_mask,
                                                  enable_gqa=True)  # [D, Hq, 1, Dh]
             outputs.append(out.squeeze(2))
-        if q.shape[0] > d:
-            outputs.append(self._prefill_attention(layer, q[d:]))
+        if q.shape[0] > num_decode:
+            outputs.append(self._prefill_attention(layer, q[num_decode:]))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _prefill_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:

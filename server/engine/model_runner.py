@@ -6,18 +6,33 @@ with early exit. The first token of a sequence comes from its prompt's last row 
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from server.engine import early_exit
 from server.engine.block_manager import BlockManager
 from server.engine.kv_cache import KVPool, PagedKVStore, StepMetadata
 from server.engine.outputs import TokenLogprob
-from server.engine.sampler import SamplingTensors, sample
+from server.engine.sampler import SamplerOutput, SamplingTensors, sample
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.model.costs import CostModel
 from server.model.exit_heads import ExitHeadSet
 from server.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class StepInputs:
+    """One step's rows as tensors. Rows: one per decode sequence, then each prefill chunk's tokens;
+    sequences: `seqs` in the same order (decode first), num_decode of them decoding."""
+    seqs: list[Sequence]
+    num_decode: int
+    input_ids: torch.Tensor  # [N] int64 on the model's device
+    positions: torch.Tensor  # [N] int64 on the model's device
+    meta: StepMetadata
+    plan: early_exit.StepPlan
+    controls: SamplingTensors  # per sequence of `seqs`
+    row_seq: torch.Tensor  # [N] int64 on the CPU: index into `seqs` of each row's sequence
 
 
 @dataclass
@@ -53,12 +68,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
+        inputs = self.prepare(batch)
+        start = time.perf_counter()
+        result = early_exit.forward(self.model, self.heads, PagedKVStore(self.pool, inputs.meta), inputs.input_ids,
+                                    inputs.positions, inputs.plan, self.policy)
+        final_seq = inputs.row_seq[result.final_rows]
+        final = sample(result.final_logits, inputs.controls.rows(final_seq)) if len(final_seq) else None
+        final_tokens = final.token.tolist() if final is not None else []  # the step's one device sync
+        forward_seconds = time.perf_counter() - start
+        out = self.collect(inputs, result, final_seq.tolist(), final_tokens, final)
+        out.forward_seconds = forward_seconds
+        return out
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Rows, KV slots and attention metadata of the step, and each row's exit plan."""
         decode, prefill = batch.decode_seqs, batch.prefill_seqs
         # sequences that may take a token now: every decode row, and prefills that finish a fresh prompt
         first_token = [end == seq.prefill_target and seq.num_output_tokens == 0
                        for seq, (_, end) in zip(prefill, batch.prefill_chunks)]
         input_ids, positions, slots, depths = [], [], [], []
-        row_seq = list(range(len(decode)))  # per row, its sequence: decode row i -> i, then prefill sequences
+        row_seq = list(range(len(decode)))
         needs_logits = [True] * len(decode)
         for seq in decode:
             input_ids.append(seq.token_ids[-1])
@@ -76,23 +105,16 @@ class ModelRunner:
                                   [s.block_table for s in prefill], batch.prefill_chunks,
                                   self.pool.block_size, self.device)
         controls = self._controls(decode + prefill, [True] * len(decode) + first_token)
-        plan = early_exit.ExitPlan(
-            thresholds=torch.tensor([s.thresholds for s in decode]).float().view(len(decode), self.num_heads),
-            gate_cuts=torch.tensor([s.gate_cuts for s in decode]).float().view(len(decode), self.num_heads),
+        num_decode = len(decode)
+        plan = early_exit.StepPlan(
+            thresholds=torch.tensor([s.thresholds for s in decode]).float().view(num_decode, self.num_heads),
+            gate_cuts=torch.tensor([s.gate_cuts for s in decode]).float().view(num_decode, self.num_heads),
             gate_whole_batch=self.gate_whole_batch,
-            controls=controls.rows(torch.arange(len(decode))), prefill_depths=torch.tensor(depths, dtype=torch.long),
+            controls=controls.rows(torch.arange(num_decode)), prefill_depths=torch.tensor(depths, dtype=torch.long),
             needs_logits=torch.tensor(needs_logits, dtype=torch.bool))
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
-
-        start_time = time.perf_counter()
-        result = early_exit.forward(self.model, self.heads, PagedKVStore(self.pool, meta), ids, pos, plan, self.policy)
-        final_seq = torch.tensor(row_seq, dtype=torch.long)[result.final_rows]
-        final = sample(result.final_logits, controls.rows(final_seq)) if len(final_seq) else None
-        final_tokens = final.token.tolist() if final is not None else []
-        forward_seconds = time.perf_counter() - start_time
-        return self._collect(decode + prefill, len(decode), result, final_seq.tolist(), final_tokens, final,
-                             forward_seconds)
+        to_device = lambda values: torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        return StepInputs(decode + prefill, num_decode, to_device(input_ids), to_device(positions), meta, plan,
+                          controls, torch.tensor(row_seq, dtype=torch.long))
 
     def _controls(self, seqs: list[Sequence], draws: list[bool]) -> SamplingTensors:
         """Per-sequence sampling controls; a row seed is drawn only for a sequence that takes a token now,
@@ -107,9 +129,10 @@ class ModelRunner:
             num_logprobs=torch.tensor([-1 if p.logprobs is None else p.logprobs for p in params], dtype=torch.long),
             suppressed=[s.suppressed_token_ids(self.eos_token_ids) for s in seqs])
 
-    def _collect(self, seqs, num_decode, result, final_seq, final_tokens, final, forward_seconds) -> StepOutput:
-        out = StepOutput(margins=result.margins, forward_seconds=forward_seconds)
-        chosen = {}  # sequence index -> (token, logprob, (top tokens, top logprobs) | None)
+    def collect(self, inputs: StepInputs, result: early_exit.ExitResult, final_seq: list[int],
+                final_tokens: list[int], final: SamplerOutput | None) -> StepOutput:
+        """One entry per sequence that got a token: from its exit head, or from the final logits."""
+        chosen = {}  # index into inputs.seqs -> (token, logprob, (top tokens, top logprobs) | None)
         if final is not None:
             final_logprob = final.logprob.tolist()
             top_tokens = final.top_tokens.tolist() if final.top_tokens is not None else None
@@ -120,15 +143,12 @@ class ModelRunner:
         for i, token in enumerate(result.head_token.tolist()):
             if token >= 0:
                 chosen[i] = (token, head_logprob[i], result.head_top.get(i))
+        num_decode = inputs.num_decode
+        flops, full = token_costs(self.costs, result, [s.num_tokens for s in inputs.seqs[:num_decode]])
         exit_layers = result.exit_layers.tolist()
-        if num_decode:
-            context = result.exit_layers.new_tensor([s.num_tokens for s in seqs[:num_decode]]).numpy()
-            flops = self.costs.token_flops(result.exit_layers.numpy(), result.heads_evaluated.numpy(), context,
-                                           result.gates_evaluated.numpy())
-            full = self.costs.full_depth_flops(context)
-            out.deepest_layer = max(exit_layers)
+        out = StepOutput(margins=result.margins, deepest_layer=max(exit_layers, default=0))
         for index in sorted(chosen):
-            seq, (token, logprob, top) = seqs[index], chosen[index]
+            seq, (token, logprob, top) = inputs.seqs[index], chosen[index]
             is_decode = index < num_decode
             out.seqs.append(seq)
             out.token_ids.append(token)
@@ -144,11 +164,23 @@ class ModelRunner:
         return out
 
 
+def token_costs(costs: CostModel, result: early_exit.ExitResult, context_lens: list[int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per decode row, (FLOPs its token cost, FLOPs it would cost at full depth without heads): the
+    layers run, each head and gate evaluated, and the KV fill of the layers skipped."""
+    if not context_lens:
+        return np.zeros(0), np.zeros(0)
+    context = np.asarray(context_lens)
+    spent = costs.token_flops(result.exit_layers.numpy(), result.heads_evaluated.numpy(), context,
+                              result.gates_evaluated.numpy())
+    return np.atleast_1d(spent), np.atleast_1d(costs.full_depth_flops(context))
+
+
 def exit_policy(heads: ExitHeadSet | None):
-    """The head set's exit policy (calibration.policies), or None for margin, which the exit kernel
-    decides itself."""
+    """The head set's exit policy (server/engine/exit_policies.py), or None for margin, which the exit
+    kernel decides itself."""
     if heads is None or heads.policy == "margin":
         return None
-    from calibration.policies import get_policy
+    from server.engine.exit_policies import get_policy
 
     return get_policy(heads.policy, heads.policy_params)

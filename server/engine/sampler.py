@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.exit_head import gumbel_noise, inverse_temperature
+from kernels.exit_head import filter_top_k_top_p, gumbel_noise, inverse_temperature
 
 
 @dataclass
@@ -38,23 +38,6 @@ class SamplerOutput:
     logprob: torch.Tensor  # [R] f32: temperature-1 log-softmax of the chosen token
     top_tokens: torch.Tensor | None = None  # [R, n] int64 (-1 pads rows that asked for fewer)
     top_logprobs: torch.Tensor | None = None  # [R, n] f32 (-inf pads)
-
-
-def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """scaled [R, V] (logits / temperature) with the tokens outside top-k, then outside the top-p
-    nucleus of what is left, set to -inf. The nucleus is the smallest set of most probable tokens
-    whose probability reaches top_p; the most probable token always stays."""
-    vocab = scaled.shape[-1]
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).to(scaled.device)
-        kth = scaled.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])  # [R, 1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if bool((top_p < 1).any()):
-        ordered, order = scaled.sort(-1, descending=True)
-        probs = ordered.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= top_p.to(scaled.device)[:, None]  # mass before this token already enough
-        scaled = scaled.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return scaled
 
 
 def sample(logits: torch.Tensor, controls: SamplingTensors) -> SamplerOutput:

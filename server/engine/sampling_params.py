@@ -41,10 +41,6 @@ class SamplingParams:
             if not ok:
                 raise SamplingParamsError(name, f"{name} {message}")
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
 
 class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str):

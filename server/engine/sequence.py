@@ -81,11 +81,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    @property
-    def is_greedy_plain(self) -> bool:
-        """Greedy without logprobs: the exit kernel's argmax is the whole answer."""
-        return self.params.temperature == 0 and self.params.logprobs is None
-
     def input_exit_layer(self, position: int, num_layers: int) -> int:
         """Depth to which the token at `position` is recomputed: prompt tokens run the full depth;
         a generated token runs to where its successor was produced (exit_layers[i + 1])."""
@@ -108,6 +103,22 @@ class Sequence:
             index=self.index, text=self.text[:self.visible_len], token_ids=self.output_token_ids,
             exit_layers=list(self.exit_layers), logprobs=None if self.logprobs is None else list(self.logprobs),
             finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+
+
+class PromptError(ValueError):
+    """A prompt no sequence can be made of; the message says why in one line."""
+
+
+def check_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """The one check of a prompt's token ids, shared by the engine and the HTTP layer."""
+    if not prompt_token_ids:
+        raise PromptError("the prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise PromptError(f"token id {bad} is out of vocabulary (0..{vocab_size - 1})")
+    if len(prompt_token_ids) >= max_model_len:
+        raise PromptError(f"the prompt has {len(prompt_token_ids)} tokens, and max_model_len is {max_model_len}: "
+                          "no room to generate")
 
 
 class Request:

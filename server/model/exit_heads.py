@@ -26,6 +26,7 @@ from torch import nn
 from server.model.llama import rms_norm
 
 FORMAT = "offramp-exits/1"
+SHIPPED_HEADS = Path(__file__).parent / "heads"  # package data: heads/<model alias>/exits.{json,safetensors}
 HEAD_KINDS = ("norm", "linear", "mlp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -105,6 +106,12 @@ def _key(eps: float) -> str:
     return f"{eps:g}"
 
 
+def match_epsilon(eps: float, calibrated):
+    """The element of `calibrated` (floats, or exits.json's string keys) that `eps` names, equal up
+    to 1e-9 so that 0.95 and 0.9500000001 are one; None if there is none."""
+    return next((e for e in calibrated if math.isclose(float(e), eps, abs_tol=1e-9)), None)
+
+
 def _stored(entry: dict) -> dict:
     """A calibration entry as exits.json holds it: layer keys as strings, inf thresholds and
     -inf gate cuts (off / no gate) as null, also in its gated plan."""
@@ -180,9 +187,9 @@ class ExitHeadSet(nn.Module):
     def calibration_entry(self, eps: float) -> dict:
         calibration = self.meta.get("calibration") or {}
         entries = calibration.get("epsilons", {})
-        for key, entry in entries.items():
-            if math.isclose(float(key), eps, abs_tol=1e-9):
-                return entry
+        key = match_epsilon(eps, entries)
+        if key is not None:
+            return entries[key]
         raise KeyError(f"exit_epsilon {eps:g} is not calibrated; available: {', '.join(_key(e) for e in self.epsilons()) or 'none'}")
 
     def active_layers(self, eps: float) -> list[int]:
@@ -218,7 +225,7 @@ class ExitHeadSet(nn.Module):
         gated_saved = (gated.get("teacher_forced") or {}).get("saved_fraction")
         return plain_saved is None or gated_saved is None or gated_saved >= plain_saved
 
-    def exit_plan(self, eps: float) -> tuple[dict[int, float], dict[int, float]]:
+    def served_thresholds(self, eps: float) -> tuple[dict[int, float], dict[int, float]]:
         """What a server runs at eps: per exit layer (threshold, gate cut), the gated plan where
         `uses_gates`, else the plain thresholds with no gates (cut -inf)."""
         if self.uses_gates(eps):

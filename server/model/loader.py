@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from server.model.config import ModelConfig
-from server.model.fetch import ALIASES, ModelLoadError, fetch_alias
+from server.model.fetch import ALIASES, DEFAULT_MODEL, ModelLoadError, fetch_alias
 from server.model.gguf_reader import read_gguf
 from server.model.hf_reader import read_hf_folder
 from server.model.llama import LlamaForCausalLM
@@ -89,7 +89,7 @@ def build_model(files: ModelFiles, config: ModelConfig) -> LlamaForCausalLM:
     return model
 
 
-def load_model(spec: str = "smollm2-135m", device: str | torch.device = "cpu",
+def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> LoadedModel:
     files = read_model(spec)
     if "model.embed_tokens.weight" not in files.state_dict:

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from calibration.lora import (LoRALinear, TuneError, apply_tune, attach_lora, detach_lora, lora_disabled,
-                              lora_modules, lora_state, save_delta)
+from calibration.lora import LoRALinear, attach_lora, detach_lora, lora_disabled, lora_modules, lora_state, save_delta
+from server.model.tune_delta import TuneError, apply_tune
 from server.model.exit_heads import AdapterSpec, ExitHeadSet, HeadSetError
 from server.model.loader import load_model
 

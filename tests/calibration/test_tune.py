@@ -12,7 +12,7 @@ import torch
 from calibration.tune import (TuneConfig, Tuner, exit_loss_weights, layer_dropout_rates, parse_anchor,
                               parse_method, run_backbone)
 from calibration.tune_cli import batches, documents
-from server.cli import UsageError
+from server.errors import UsageError
 from server.model.exit_heads import AdapterSpec, ExitHeadSet
 from server.model.loader import load_model
 from tests.tiny_model import _corpus
@@ -148,7 +148,7 @@ def tune_args(tiny_dir, out, text, *extra):
 
 
 def test_tune_command_writes_a_servable_delta_and_resumes(tiny_dir, tmp_path, capsys):
-    from calibration.lora import apply_tune
+    from server.model.tune_delta import apply_tune
 
     text = tmp_path / "text.txt"
     text.write_text("\n".join(_corpus()[:40]) + "\n")
@@ -193,7 +193,7 @@ def evaluated_against_the_original(tiny_dir, out, prompts, tmp_path):
     import shutil
 
     from calibration.data import chat_ids
-    from calibration.lora import apply_tune
+    from server.model.tune_delta import apply_tune
     from server.cli import main
     from server.model.generate import generate
 
@@ -283,7 +283,8 @@ def test_agreement_is_counted_against_the_original_model_not_the_tuned_one(tiny_
 def test_full_tuning_trains_every_layer_against_a_frozen_copy_and_its_weights_serve(tiny_dir, tmp_path):
     import copy
 
-    from calibration.lora import apply_tune, save_delta
+    from calibration.lora import save_delta
+    from server.model.tune_delta import apply_tune
 
     loaded = load_model(str(tiny_dir))
     heads = ExitHeadSet.create(loaded.model, [3], AdapterSpec("norm"), {"name": loaded.name,

@@ -6,6 +6,7 @@ import pytest
 from server.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from server.engine.sampling_params import SamplingParams
 from tests.engine.helpers import random_prompts
+from tests.polling import until
 
 GREEDY = dict(temperature=0, ignore_eos=True, exit_epsilon=0.9)
 
@@ -45,18 +46,14 @@ async def test_abort_ends_the_stream_and_frees_blocks(async_engine):
         if len(output.outputs[0].token_ids) == 3:
             await async_engine.abort("long")
     assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
-    await asyncio.sleep(0.05)
-    assert async_engine.engine.block_manager.num_used_blocks == 0
+    await until(lambda: async_engine.engine.block_manager.num_used_blocks == 0, "the aborted request's blocks freed")
 
 
 async def test_leaving_the_stream_aborts(async_engine):
     prompt = random_prompts([20], seed=14)[0]
     async for output in async_engine.generate(prompt, SamplingParams(max_tokens=10_000, **GREEDY), "gone"):
         break
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if not async_engine.engine.has_unfinished_requests():
-            break
+    await until(lambda: not async_engine.engine.has_unfinished_requests(), "the abandoned request aborted")
     assert async_engine.engine.block_manager.num_used_blocks == 0
 
 
@@ -98,8 +95,5 @@ async def test_many_callers_with_aborts_leave_nothing_behind(async_engine):
     for i, outputs in enumerate(results):
         if i % 5:
             assert outputs[-1].finished and all(len(o.token_ids) == 4 + i % 9 for o in outputs[-1].outputs)
-    for _ in range(200):
-        if not async_engine.engine.has_unfinished_requests():
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: not async_engine.engine.has_unfinished_requests(), "every request finished or aborted")
     assert async_engine.engine.block_manager.num_used_blocks == 0 and not async_engine.engine.scheduler.num_unfinished

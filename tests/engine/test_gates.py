@@ -41,11 +41,11 @@ def engine_with(tiny, heads, **overrides) -> LLMEngine:
 def test_plan_choice(tiny, tmp_path):
     better = gated_heads(tiny, tmp_path / "a", plain_saved=0.1, gated_saved=0.2)
     assert better.uses_gates(0.9)
-    thresholds, cuts = better.exit_plan(0.9)
+    thresholds, cuts = better.served_thresholds(0.9)
     assert thresholds == GATED["thresholds"] and cuts == GATED["gate_cuts"]
     worse = gated_heads(tiny, tmp_path / "b", plain_saved=0.2, gated_saved=0.1)
     assert not worse.uses_gates(0.9)
-    thresholds, cuts = worse.exit_plan(0.9)
+    thresholds, cuts = worse.served_thresholds(0.9)
     assert thresholds == PLAIN and all(c == -math.inf for c in cuts.values())
 
 
@@ -115,3 +115,23 @@ def test_whole_batch_gating(tiny, tmp_path):
         asked_steps += asked > 0
         skipped_steps += asked == 0
     assert asked_steps > 0 and skipped_steps > 0  # the batch asked together sometimes, and was held back
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_per_row_gating_is_batch_invariant(tiny, tmp_path, temperature):
+    """With per-row gating each row's gate, head and threshold see only that row, so a request's
+    tokens and exit layers are the same alone and among 8 staggered requests (greedy and seeded
+    sampling). Whole-batch gating gives this up by design (test_whole_batch_gating)."""
+    heads = gated_heads(tiny, tmp_path / "h", plain_saved=0.0, gated_saved=0.1, cut=CUT_MOST_PASS)
+    prompts = random_prompts([3, 17, 40, 9, 25, 5, 31, 12], seed=11)
+    params = [SamplingParams(max_tokens=20, temperature=temperature, seed=100 + i, exit_epsilon=0.9, ignore_eos=True)
+              for i in range(len(prompts))]
+    together = run_staggered(engine_with(tiny, heads, gate_whole_batch=False), prompts, params,
+                             arrivals=[0, 0, 1, 2, 2, 5, 7, 8])
+    exits = 0
+    for i, prompt in enumerate(prompts):
+        alone = engine_with(tiny, heads, gate_whole_batch=False).generate([prompt], params[i])[0].outputs[0]
+        got = together[str(i)].outputs[0]
+        assert (got.token_ids, got.exit_layers) == (alone.token_ids, alone.exit_layers), i
+        exits += sum(layer < tiny.config.num_hidden_layers for layer in got.exit_layers)
+    assert exits > 0  # the gated heads did let tokens out

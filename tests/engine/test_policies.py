@@ -1,4 +1,4 @@
-"""Exit policies other than margin, taken from the head set (calibration/policies.py)."""
+"""Exit policies other than margin, taken from the head set (server/engine/exit_policies.py)."""
 import copy
 
 import pytest

