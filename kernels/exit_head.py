@@ -16,6 +16,14 @@ lm_head-dtype values. All softmax statistics are of the temperature-1 distributi
 Sampling is Gumbel-max with a counter-based integer hash keyed by (row seed, vocab index), implemented
 identically in Triton (uint32) and torch (int64 masked to 32 bits), so the same seed gives the same token
 on either path up to rounding ties: token = argmax(logits * (1 / t) + gumbel).
+
+Shortlist heads: `lm_head` may be K rows of the LM head, `token_ids` [K] their vocabulary ids, and
+`other_logit` a callable giving one more logit per row, an estimate of the log-sum-exp of the logits of
+every token outside the list. Every statistic is then over shortlist ∪ {other}: "other" is one outcome
+with that logit (its own Gumbel noise at index OTHER_INDEX; at temperature t its score is other / t).
+Listed tokens keep the noise of their vocabulary id, so a row that does not exit and samples from the
+full LM head with the same seed sees the same noise on them. A row whose top-1 or sampled token is
+"other" gets token -1 and never exits: the head cannot say which token it would be.
 """
 import functools
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ _MASK32 = 0xFFFFFFFF
 # without overflow; 0x21F0AAAD / 0x735A2D97 with shifts 16/15/15 is a well-mixing 2-round 32-bit hash.
 _MUL_A, _MUL_B, _MUL_IDX = 0x21F0AAAD, 0x735A2D97, 0x61C88647
 _SALT_LO, _SALT_HI = 0x3C6EF372, 0x1B873593
+OTHER_INDEX = 0x7FFFFFFF  # the hash index of the "other" outcome of a shortlist head: no vocabulary id
 
 
 @dataclass
@@ -108,12 +117,16 @@ def _mix32_torch(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def gumbel_noise(seed: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[rows] int64 seeds -> [rows, vocab] f32 standard Gumbel noise, bit-identical to the Triton kernel's hash."""
+def gumbel_noise(seed: torch.Tensor, vocab: int | torch.Tensor) -> torch.Tensor:
+    """[rows] int64 seeds -> [rows, vocab] f32 standard Gumbel noise, bit-identical to the Triton kernel's
+    hash; vocab: the vocabulary size (noise of ids 0..vocab-1), or [n] int64 ids to draw the noise of."""
     seed = seed.to(torch.int64)
     key_a = _mix32_torch((seed & _MASK32) ^ _SALT_LO)[:, None]
     key_b = _mix32_torch(((seed >> 32) & _MASK32) ^ _SALT_HI ^ key_a[:, 0])[:, None]
-    idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :]
+    if isinstance(vocab, torch.Tensor):
+        idx = vocab.to(seed.device, torch.int64)[None, :]
+    else:
+        idx = torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :]
     h = _mix32_torch((key_a + ((idx * _MUL_IDX) & _MASK32)) & _MASK32)
     h = _mix32_torch(h ^ key_b)
     # 23 random bits -> u in (0, 1) exactly representable, never 0 or 1.
@@ -148,43 +161,55 @@ def filter_top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor | None = None,
 
 
 def exit_head_reference(hidden, norm_weight, lm_head, thresholds, *, eps, temperature=None, seed=None,
-                        adapter=None, top_k=None, top_p=None, num_logprobs=None, fp32_logits=True) -> ExitDecision:
-    """Plain-torch exit decision through materialised [rows, vocab] logits.
+                        adapter=None, top_k=None, top_p=None, num_logprobs=None, token_ids=None, other_logit=None,
+                        fp32_logits=True) -> ExitDecision:
+    """Plain-torch exit decision through materialised [rows, K (+ 1)] logits.
 
     fp32_logits=True follows the kernel's recipe (fp32 products of lm_head-dtype values); False runs the
     projection in lm_head's dtype and rounds the logits to it, as an eager bf16 model would (benchmarks).
     top_k [rows] int (0 = off), top_p [rows] float (1 = off) filter the sampled token only; num_logprobs
-    [rows] int asks for that many top temperature-1 logprobs per row.
+    [rows] int asks for that many top temperature-1 logprobs per row (never "other"). token_ids [K] and
+    other_logit (y [rows, d] -> [rows] f32): a shortlist head (module docstring).
     """
     if adapter is not None:
         hidden = adapter(hidden)
     y = rms_norm(hidden, norm_weight, eps, lm_head.dtype)                     # [rows, d]
     if fp32_logits:
-        logits = y.float() @ lm_head.float().T                                # [rows, V]
+        logits = y.float() @ lm_head.float().T                                # [rows, K]
     else:
         logits = F.linear(y, lm_head).float()
-    logprobs = logits.log_softmax(-1)                                          # [rows, V]
+    num_listed = logits.shape[1]
+    ids = torch.arange(num_listed, device=logits.device) if token_ids is None else token_ids.to(logits.device)
+    noise_ids = ids
+    if other_logit is not None:  # one more column: the log-mass outside the list
+        logits = torch.cat([logits, other_logit(y).float().to(logits.device)[:, None]], dim=1)   # [rows, K + 1]
+        noise_ids = torch.cat([ids, ids.new_full((1,), OTHER_INDEX)])
+    logprobs = logits.log_softmax(-1)
     top2 = logprobs.topk(2, dim=-1).values.exp()                              # [rows, 2]
     entropy = -(logprobs.exp() * logprobs).nan_to_num(nan=0.0).sum(-1)
-    token = logits.argmax(-1)
+    top1 = token = logits.argmax(-1)                                          # column index; ties: the lowest
     if temperature is not None:
         inv_t = inverse_temperature(temperature.to(logits.device))
         if seed is None:
             seed = random_seeds(logits.shape[0], logits.device)
         on_device = lambda x: None if x is None else x.to(logits.device)
         scaled = filter_top_k_top_p(logits * inv_t[:, None], on_device(top_k), on_device(top_p))
-        sampled = (scaled + gumbel_noise(seed.to(logits.device), logits.shape[1])).argmax(-1)
+        sampled = (scaled + gumbel_noise(seed.to(logits.device), noise_ids)).argmax(-1)
         token = torch.where(inv_t > 0, sampled, token)
     margin = top2[:, 0] - top2[:, 1]
-    decision = ExitDecision(
-        token=token, margin=margin, exit=margin >= thresholds.to(logits.device, torch.float32),
-        logprob=logprobs.gather(-1, token[:, None])[:, 0], max_prob=top2[:, 0], entropy=entropy)
+    exit = margin >= thresholds.to(logits.device, torch.float32)
+    logprob = logprobs.gather(-1, token[:, None])[:, 0]
+    if other_logit is not None:
+        exit &= (top1 < num_listed) & (token < num_listed)
+    token = torch.cat([ids, ids.new_full((1,), -1)])[token]                   # column -> vocabulary id, other -> -1
+    decision = ExitDecision(token=token, margin=margin, exit=exit, logprob=logprob, max_prob=top2[:, 0],
+                            entropy=entropy)
     if num_logprobs is not None and int(num_logprobs.max()) > 0:
-        n = int(num_logprobs.max())
-        values, tokens = logprobs.topk(n, dim=-1)                              # [rows, n]
+        n = min(int(num_logprobs.max()), num_listed)
+        values, columns = logprobs[:, :num_listed].topk(n, dim=-1)           # [rows, n]
         keep = torch.arange(n, device=logits.device)[None, :] < num_logprobs.to(logits.device)[:, None]
         decision.top_logprobs = values.masked_fill(~keep, float("-inf"))
-        decision.top_tokens = tokens.masked_fill(~keep, -1)
+        decision.top_tokens = ids[columns].masked_fill(~keep, -1)
     return decision
 
 
@@ -219,12 +244,14 @@ if HAS_TRITON:
         tl.store(y_ptr + offs_r[:, None] * d + offs_d[None, :], y_out, mask=mask)
 
     @triton.jit
-    def _partial_kernel(y_ptr, w_ptr, inv_temp_ptr, seed_ptr, part_f_ptr, part_i_ptr,
+    def _partial_kernel(y_ptr, w_ptr, inv_temp_ptr, seed_ptr, ids_ptr, part_f_ptr, part_i_ptr,
                         rows, d, vocab, tiles_per_split, stride_w,
-                        SAMPLE: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                        SAMPLE: tl.constexpr, HAS_IDS: tl.constexpr, DOT_FP32: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
         # Grid (row blocks, splits); row blocks vary fastest so programs sharing a vocabulary slice run
-        # together and the slice is read from HBM once. Partials: part_f [6, splits, rows] f32 =
+        # together and the slice is read from HBM once. `vocab` counts the rows of w (a shortlist's K);
+        # HAS_IDS: ids [vocab] int32 holds each row's vocabulary id, which keys its Gumbel noise. Partials: part_f [6, splits, rows] f32 =
         # (top-1 logit = running max m, top-2 logit, S0 = sum e^(x-m), S1 = sum (x-m) e^(x-m),
         # best sample score, logit of the sample); part_i [2, splits, rows] i32 = (top-1 index, sample index).
         pid_r = tl.program_id(0)
@@ -276,7 +303,11 @@ if HAS_TRITON:
             i1 = tl.where(tile_1 > v1, v_start + tile_j, i1)  # strict: the earlier index wins ties
             v1 = m_new
             if SAMPLE:
-                h = _mix32(key_a[:, None] + offs_v.to(tl.uint32)[None, :] * 0x61C88647)
+                if HAS_IDS:
+                    noise_index = tl.load(ids_ptr + offs_v, mask=v_ok, other=0).to(tl.uint32)
+                else:
+                    noise_index = offs_v.to(tl.uint32)
+                h = _mix32(key_a[:, None] + noise_index[None, :] * 0x61C88647)
                 h = _mix32(h ^ key_b[:, None])
                 u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
                 score = tl.where(v_ok[None, :], acc * inv_t[:, None] - tl.log(-tl.log(u)), float("-inf"))
@@ -298,10 +329,12 @@ if HAS_TRITON:
             tl.store(part_i_ptr + plane + out, best_i, mask=row_ok)
 
     @triton.jit
-    def _reduce_kernel(part_f_ptr, part_i_ptr, thresholds_ptr, inv_temp_ptr,
+    def _reduce_kernel(part_f_ptr, part_i_ptr, thresholds_ptr, inv_temp_ptr, seed_ptr, other_ptr, ids_ptr,
                        token_ptr, margin_ptr, exit_ptr, logprob_ptr, max_prob_ptr, entropy_ptr,
-                       rows, num_splits, SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+                       rows, num_splits, num_listed, SAMPLE: tl.constexpr, HAS_OTHER: tl.constexpr,
+                       HAS_IDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
         # Each program merges the num_splits partials of BLOCK_R rows; splits are in vocabulary order.
+        # HAS_OTHER: other [rows] f32 is one more outcome (index num_listed), merged into every statistic.
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = offs_r < rows
         offs_s = tl.arange(0, BLOCK_S)
@@ -322,23 +355,56 @@ if HAS_TRITON:
         total_s0 = tl.where(row_ok, tl.sum(scale * s0, axis=1), 1.0)
         total_s1 = tl.sum(scale * (s1 + shift * s0), axis=1)
         top_2 = tl.maximum(tl.max(tl.where(is_j, float("-inf"), v1), axis=1), tl.max(v2, axis=1))
+        token = tl.sum(tl.where(is_j, i1, 0), axis=1)
+        if HAS_OTHER:  # rebase S0, S1 on the larger of the listed max and the other logit
+            other = tl.load(other_ptr + offs_r, mask=row_ok, other=0.0)
+            other_first = other > m  # a tie goes to the listed token, the lower index
+            top = tl.maximum(m, other)
+            keep = tl.exp(m - top)
+            e_other = tl.exp(other - top)
+            total_s1 = keep * (total_s1 + (m - top) * total_s0) + tl.where(e_other > 0, (other - top) * e_other, 0.0)
+            total_s0 = keep * total_s0 + e_other
+            top_2 = tl.where(other_first, m, tl.maximum(top_2, other))
+            token = tl.where(other_first, num_listed, token)
+            m = top
+        top1 = token
         log_s0 = tl.log(total_s0)
         max_prob = 1.0 / total_s0                      # p1 = e^(m - lse), lse = m + log S0
         margin = max_prob - tl.exp(top_2 - m) / total_s0
-        token = tl.sum(tl.where(is_j, i1, 0), axis=1)
         logprob = -log_s0
         if SAMPLE:
             best = tl.load(part_f_ptr + 4 * plane + at, mask=ok, other=float("-inf"))
             best_x = tl.load(part_f_ptr + 5 * plane + at, mask=ok, other=0.0)
             best_i = tl.load(part_i_ptr + plane + at, mask=ok, other=0)
             is_b = offs_s[None, :] == tl.argmax(best, axis=1, tie_break_left=True)[:, None]
-            sampled = tl.load(inv_temp_ptr + offs_r, mask=row_ok, other=0.0) > 0
-            token = tl.where(sampled, tl.sum(tl.where(is_b, best_i, 0), axis=1), token)
-            logprob = tl.where(sampled, tl.sum(tl.where(is_b, best_x, 0.0), axis=1) - m - log_s0, logprob)
+            inv_t = tl.load(inv_temp_ptr + offs_r, mask=row_ok, other=0.0)
+            sampled = inv_t > 0
+            pick_i = tl.sum(tl.where(is_b, best_i, 0), axis=1)
+            pick_x = tl.sum(tl.where(is_b, best_x, 0.0), axis=1)
+            if HAS_OTHER:  # the other outcome's own Gumbel draw, at hash index OTHER_INDEX
+                seed = tl.load(seed_ptr + offs_r, mask=row_ok, other=0)
+                key_a = _mix32(seed.to(tl.uint32) ^ 0x3C6EF372)
+                key_b = _mix32((seed >> 32).to(tl.uint32) ^ 0x1B873593 ^ key_a)
+                h = _mix32(key_a + tl.full([BLOCK_R], 0x7FFFFFFF, tl.uint32) * 0x61C88647)
+                u = ((_mix32(h ^ key_b) >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+                take_other = other * inv_t - tl.log(-tl.log(u)) > tl.max(best, axis=1)
+                pick_i = tl.where(take_other, num_listed, pick_i)
+                pick_x = tl.where(take_other, other, pick_x)
+            token = tl.where(sampled, pick_i, token)
+            logprob = tl.where(sampled, pick_x - m - log_s0, logprob)
         threshold = tl.load(thresholds_ptr + offs_r, mask=row_ok, other=0.0)
+        leaves = margin >= threshold
+        if HAS_OTHER:  # "other" names no token: such a row stays
+            leaves = leaves & (top1 != num_listed) & (token != num_listed)
+            is_other = token == num_listed
+            if HAS_IDS:
+                token = tl.load(ids_ptr + token, mask=row_ok & ~is_other, other=0)
+            token = tl.where(is_other, -1, token)
+        elif HAS_IDS:
+            token = tl.load(ids_ptr + token, mask=row_ok, other=0)
         tl.store(token_ptr + offs_r, token.to(tl.int64), mask=row_ok)
         tl.store(margin_ptr + offs_r, margin, mask=row_ok)
-        tl.store(exit_ptr + offs_r, margin >= threshold, mask=row_ok)
+        tl.store(exit_ptr + offs_r, leaves, mask=row_ok)
         tl.store(logprob_ptr + offs_r, logprob, mask=row_ok)
         tl.store(max_prob_ptr + offs_r, max_prob, mask=row_ok)
         tl.store(entropy_ptr + offs_r, log_s0 - total_s1 / total_s0, mask=row_ok)
@@ -347,9 +413,11 @@ if HAS_TRITON:
 
 
 def exit_head_triton(hidden, norm_weight, lm_head, thresholds, *, eps, temperature=None, seed=None,
-                     adapter=None, config: KernelConfig | None = None) -> ExitDecision:
+                     adapter=None, token_ids=None, other_logit=None, config: KernelConfig | None = None
+                     ) -> ExitDecision:
     """The fused path. temperature=None compiles the greedy variant (no hash per logit): pass None for an
-    all-greedy batch. hidden [rows, d] any float dtype; lm_head [V, d] f32/f16/bf16 with unit last stride."""
+    all-greedy batch. hidden [rows, d] any float dtype; lm_head [V, d] (or a shortlist's [K, d], with
+    token_ids [K] and other_logit, as in exit_head_reference) f32/f16/bf16 with unit last stride."""
     if not HAS_TRITON:
         raise RuntimeError("exit_head: backend='triton' needs the triton package (pip install offramp[gpu])")
     if adapter is not None:
@@ -358,7 +426,8 @@ def exit_head_triton(hidden, norm_weight, lm_head, thresholds, *, eps, temperatu
     vocab = lm_head.shape[0]
     device = hidden.device
     if rows == 0:
-        return exit_head_reference(hidden, norm_weight, lm_head, thresholds, eps=eps)
+        return exit_head_reference(hidden, norm_weight, lm_head, thresholds, eps=eps, token_ids=token_ids,
+                                   other_logit=other_logit)
     if lm_head.stride(1) != 1:
         lm_head = lm_head.contiguous()
     if hidden.stride(1) != 1:
@@ -371,6 +440,8 @@ def exit_head_triton(hidden, norm_weight, lm_head, thresholds, *, eps, temperatu
                                                      ROUND_BF16=_INTERPRETED and y.dtype == torch.bfloat16,
                                                      BLOCK_R=norm_rows, BLOCK_D=block_d)
     thresholds = thresholds.to(device=device, dtype=torch.float32)
+    ids = thresholds if token_ids is None else token_ids.to(device=device, dtype=torch.int32).contiguous()
+    other = thresholds if other_logit is None else other_logit(y).to(device=device, dtype=torch.float32).contiguous()
     sample = temperature is not None
     if sample:
         inv_temp = inverse_temperature(temperature.to(device))
@@ -385,8 +456,8 @@ def exit_head_triton(hidden, norm_weight, lm_head, thresholds, *, eps, temperatu
     part_f = _empty((6, num_splits, rows), torch.float32, device)
     part_i = _empty((2, num_splits, rows), torch.int32, device)
     _partial_kernel[(triton.cdiv(rows, cfg.block_r), num_splits)](
-        y, lm_head, inv_temp, seed, part_f, part_i, rows, d, vocab, tiles_per_split, lm_head.stride(0),
-        SAMPLE=sample, DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32",
+        y, lm_head, inv_temp, seed, ids, part_f, part_i, rows, d, vocab, tiles_per_split, lm_head.stride(0),
+        SAMPLE=sample, HAS_IDS=token_ids is not None, DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 else "tf32",
         BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=True)  # pinned: Triton 3.10 flips the default
@@ -397,14 +468,16 @@ def exit_head_triton(hidden, norm_weight, lm_head, thresholds, *, eps, temperatu
     block_s = triton.next_power_of_2(num_splits)
     reduce_rows = min(triton.next_power_of_2(rows), max(1, 4096 // block_s))
     _reduce_kernel[(triton.cdiv(rows, reduce_rows),)](
-        part_f, part_i, thresholds, inv_temp,
+        part_f, part_i, thresholds, inv_temp, seed, other, ids,
         decision.token, decision.margin, decision.exit, decision.logprob, decision.max_prob, decision.entropy,
-        rows, num_splits, SAMPLE=sample, BLOCK_R=reduce_rows, BLOCK_S=block_s)
+        rows, num_splits, vocab, SAMPLE=sample, HAS_OTHER=other_logit is not None, HAS_IDS=token_ids is not None,
+        BLOCK_R=reduce_rows, BLOCK_S=block_s)
     return decision
 
 
 def exit_head(hidden, norm_weight, lm_head, thresholds, *, eps, temperature=None, seed=None, adapter=None,
-              top_k=None, top_p=None, num_logprobs=None, backend="auto") -> ExitDecision:
+              top_k=None, top_p=None, num_logprobs=None, token_ids=None, other_logit=None,
+              backend="auto") -> ExitDecision:
     """Decide, for each row, the token and whether it exits here.
 
     hidden [rows, d]; norm_weight [d] (the head's RMSNorm); lm_head [V, d]; thresholds [rows] f32
@@ -412,23 +485,25 @@ def exit_head(hidden, norm_weight, lm_head, thresholds, *, eps, temperature=None
     drawn from torch's generator); adapter: callable hidden -> adapted hidden, applied before the RMSNorm.
     top_k [rows] (0 = off), top_p [rows] (1 = off), num_logprobs [rows] (0 = none): rows that use any of
     them take the reference path for just those rows (their outputs come from exit_head_reference).
-    Pass these per-row tensors on the CPU to avoid a device sync. backend: "auto" (Triton on CUDA, torch
+    Pass these per-row tensors on the CPU to avoid a device sync. token_ids [K], other_logit: a shortlist
+    head (lm_head is then its [K, d] rows; module docstring). backend: "auto" (Triton on CUDA, torch
     elsewhere), "triton" or "torch".
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"exit_head: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda and HAS_TRITON)
     extras = dict(top_k=top_k, top_p=top_p, num_logprobs=num_logprobs)
+    shortlist = dict(token_ids=token_ids, other_logit=other_logit)
     if not use_triton:
         return exit_head_reference(hidden, norm_weight, lm_head, thresholds, eps=eps, temperature=temperature,
-                                   seed=seed, adapter=adapter, **extras)
+                                   seed=seed, adapter=adapter, **extras, **shortlist)
     if adapter is not None:
         hidden = adapter(hidden)
     rows = hidden.shape[0]
     if temperature is not None and seed is None:
         seed = random_seeds(rows, hidden.device)  # one draw shared by both paths
     decision = exit_head_triton(hidden, norm_weight, lm_head, thresholds, eps=eps, temperature=temperature,
-                                seed=seed)
+                                seed=seed, **shortlist)
     special = torch.zeros(rows, dtype=torch.bool)
     if top_k is not None:
         special |= top_k.cpu() > 0
@@ -443,7 +518,7 @@ def exit_head(hidden, norm_weight, lm_head, thresholds, *, eps, temperature=None
     ref = exit_head_reference(
         hidden[idx.to(hidden.device)], norm_weight, lm_head, pick(thresholds), eps=eps,
         temperature=pick(temperature), seed=pick(seed), top_k=pick(top_k), top_p=pick(top_p),
-        num_logprobs=pick(num_logprobs))
+        num_logprobs=pick(num_logprobs), **shortlist)
     dev_idx = idx.to(hidden.device)
     for name in ("token", "margin", "exit", "logprob", "max_prob", "entropy"):
         getattr(decision, name)[dev_idx] = getattr(ref, name).to(hidden.device)
