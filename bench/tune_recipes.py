@@ -117,7 +117,8 @@ def evaluate_recipe(args, kind, path, calib, test, test_prompts, original) -> di
 
     loaded = load_model(args.model)
     heads_dir = apply_tune(loaded, path) if kind == "tune" else Path(path)
-    heads = ExitHeadSet.load(heads_dir, config=loaded.config, fingerprint=loaded.fingerprint).eval()
+    heads = ExitHeadSet.load(heads_dir, config=loaded.config, fingerprint=loaded.fingerprint,
+                             lm_head=loaded.model.lm_head.weight).eval()
     costs = CostModel.from_config(loaded.config, head_kind=heads.meta["head_kind"],
                                   adapter_rank=heads.meta.get("adapter_rank", 0))
     stats_calib, correct_calib = exit_features(loaded.model, heads, calib, original)

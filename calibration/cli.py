@@ -175,7 +175,8 @@ def run_calibrate(args):
         raise UsageError(f"unknown --policy {args.policy!r}; expected one of {', '.join(POLICIES)}")
     epsilons = _epsilons(args.epsilon)
     loaded = _setup(args)
-    heads = ExitHeadSet.load(args.heads, config=loaded.config, fingerprint=loaded.fingerprint)
+    heads = ExitHeadSet.load(args.heads, config=loaded.config, fingerprint=loaded.fingerprint,
+                             lm_head=loaded.model.lm_head.weight)
     heads.to(loaded.model.lm_head.weight.device).eval()
     out = Path(args.out or args.heads)
     cache = Path(args.cache) if args.cache else Path(args.heads) / "cache"  # beside the fitted set, not the output
@@ -285,7 +286,8 @@ def run_eval(args):
         heads_dir = heads_dir or tuned_heads
     if heads_dir is None:
         raise UsageError("give --heads (or --tune, whose heads are used)")
-    heads = ExitHeadSet.load(heads_dir, config=loaded.config, fingerprint=loaded.fingerprint)
+    heads = ExitHeadSet.load(heads_dir, config=loaded.config, fingerprint=loaded.fingerprint,
+                             lm_head=loaded.model.lm_head.weight)
     heads.to(loaded.model.lm_head.weight.device).eval()
     if not heads.epsilons():
         raise UsageError(f"{heads_dir}: the head set is not calibrated; run offramp calibrate first")

@@ -162,6 +162,8 @@ class LLMEngine:
         for seq in batch.decode_seqs + batch.prefill_seqs:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
+        for request, logprobs in out.prompt_logprobs:
+            request.prompt_logprobs.extend(logprobs)
         updated = {}
         for seq, token, exit_layer, logprob, flops, full in zip(out.seqs, out.token_ids, out.exit_layers,
                                                                 out.logprobs, out.flops, out.flops_full_depth):
@@ -206,6 +208,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             outputs=[seq.output() for seq in seqs], finished=request.is_finished,
+            prompt_logprobs=None if request.prompt_logprobs is None else list(request.prompt_logprobs),
             num_tokens_exited_early=sum(s.num_exited_early for s in seqs),
             decode_flops=sum(s.decode_flops for s in seqs),
             decode_flops_full_depth=sum(s.decode_flops_full_depth for s in seqs))
@@ -268,5 +271,6 @@ def load_heads(spec: str | None, loaded) -> ExitHeadSet | None:
             return None
     else:
         path = Path(spec)
-    heads = ExitHeadSet.load(path, config=loaded.config, fingerprint=loaded.fingerprint)
-    return heads.to(loaded.model.lm_head.weight.device).eval()
+    lm_head = loaded.model.lm_head.weight
+    heads = ExitHeadSet.load(path, config=loaded.config, fingerprint=loaded.fingerprint).to(lm_head.device).eval()
+    return heads.bind(lm_head)

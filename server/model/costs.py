@@ -5,10 +5,14 @@ element-wise work (norms, RoPE, SiLU, softmax) is counted with a few FLOPs per e
 nothing is left out, but its exact constant hardly matters.
 
 A token that exits at layer k with h exit heads evaluated on the way costs
-    k * layer + h * head + g * gate + (L - k) * kv_fill     (+ final norm and LM head if k == L),
+    k * layer + h * head + g * gate + (L - k) * kv_fill     (+ final norm and LM head if it ran them),
 because the layers it skipped still need its K/V (input norm, k/v projections, RoPE on k);
 g counts the gate probes run (exit_heads.py: a gate decides whether a head is evaluated at all).
-For SmolLM2-135M one exit-head evaluation (d x V projection) costs about eight decoder layers.
+For SmolLM2-135M one full-vocabulary exit head (d x V projection) costs about eight decoder layers;
+a shortlist head of K rows and a C-piece mass estimator costs 2d(K + C) plus the softmax over K + 1
+outcomes, about 0.65 of a layer for K = 4096. Heads differ in cost, so `token_flops` takes the FLOPs of
+the heads a token evaluated (`head_flops`) and whether it ran the full LM head (`full_head`): a token
+that exits at the head after the last layer ran every layer but not the LM head.
 """
 from dataclasses import dataclass
 
@@ -75,25 +79,42 @@ class CostModel:
 
     @property
     def head_flops(self) -> int:
-        """One exit-head evaluation: adapter, RMSNorm, the shared d x V projection, softmax and top-2."""
-        return self.adapter_flops + self.final_flops
+        """One full-vocabulary exit-head evaluation: adapter, RMSNorm, the shared d x V projection,
+        softmax and top-2."""
+        return self.exit_head_flops()
+
+    def exit_head_flops(self, num_listed: int = 0, mass_components: int = 0, adapter: bool = True) -> int:
+        """One exit-head evaluation: the adapter (if the head has one), RMSNorm, then the projection over
+        the whole vocabulary (num_listed = 0) or over a shortlist of num_listed rows plus the mass
+        estimator's mass_components pieces and their log-sum-exp, then softmax statistics over the
+        outcomes (V, or K + 1 with "other")."""
+        d = self.hidden_size
+        flops = (self.adapter_flops if adapter else 0) + NORM_FLOPS * d
+        if not num_listed:
+            return flops + 2 * d * self.vocab_size + VOCAB_FLOPS * self.vocab_size
+        return (flops + 2 * d * num_listed + 2 * d * mass_components + SOFTMAX_FLOPS * mass_components
+                + VOCAB_FLOPS * (num_listed + 1))
 
     @property
     def gate_flops(self) -> int:
         """One gate probe: RMS-normalise the hidden state, a d-vector dot product, a sigmoid."""
         return NORM_FLOPS * self.hidden_size + 2 * self.hidden_size + 5
 
-    def token_flops(self, exit_layer, heads_evaluated, context_len=None, gates_evaluated=0):
-        """Cost of one token (or arrays of tokens, element-wise): exit_layer in 1..L (L = ran to
-        the end), heads_evaluated = number of exit heads evaluated for it, its own exit included,
-        gates_evaluated = number of gate probes run for it."""
+    def token_flops(self, exit_layer, heads_evaluated=0, context_len=None, gates_evaluated=0, *,
+                    head_flops=None, full_head=None):
+        """Cost of one token (or arrays of tokens, element-wise): exit_layer in 1..L (L = ran every
+        layer), heads_evaluated = number of full-vocabulary exit heads evaluated for it, its own exit
+        included, or head_flops = the FLOPs of the heads it evaluated (heads of different costs:
+        `exit_head_flops` each); gates_evaluated = number of gate probes run for it; full_head = it ran
+        the final norm and the full LM head (default: exit_layer == L)."""
         num_layers = self.num_hidden_layers
-        exit_layer, heads_evaluated = np.asarray(exit_layer), np.asarray(heads_evaluated)
+        exit_layer = np.asarray(exit_layer)
         if np.any((exit_layer < 1) | (exit_layer > num_layers)):
             raise ValueError(f"exit_layer must be in 1..{num_layers}")
-        flops = (exit_layer * self.layer_flops(context_len) + heads_evaluated * self.head_flops
-                 + np.asarray(gates_evaluated) * self.gate_flops
-                 + (num_layers - exit_layer) * self.kv_fill_flops + (exit_layer >= num_layers) * self.final_flops)
+        heads = np.asarray(heads_evaluated) * self.head_flops if head_flops is None else np.asarray(head_flops)
+        full_head = exit_layer >= num_layers if full_head is None else np.asarray(full_head, dtype=bool)
+        flops = (exit_layer * self.layer_flops(context_len) + heads + np.asarray(gates_evaluated) * self.gate_flops
+                 + (num_layers - exit_layer) * self.kv_fill_flops + full_head * self.final_flops)
         return float(flops) if np.ndim(flops) == 0 else flops
 
     def full_depth_flops(self, context_len=None):

@@ -13,6 +13,16 @@ may hold, beside the plain plan (`thresholds`: every reached head is evaluated),
 gate score is >= the cut, so the gate can only skip head evaluations (and with them exits); the
 policy's threshold still decides every exit, and those thresholds were calibrated with the gates
 in place. `thresholds(eps, gated=True)` + `gate_cuts(eps)` give the gated plan.
+
+Shortlist heads: a head may read out only K rows of the LM head (its `shortlist_ids`, a frequency-
+ranked list of token ids) plus one "other" logit, a learned estimate of the log-sum-exp of the logits
+of every token outside the list (`MassEstimator`, trained against the exact value). It then costs
+2dK + 2dC FLOPs instead of 2dV (V = 49,152 on SmolLM2: one full head is about 8 decoder layers), and
+its decision is over shortlist ∪ {other} (kernels/exit_head.py). The listed rows are copied from the
+model's LM head at load (`bind`), contiguous [K, d]; only the ids are stored. A head may sit after the
+last layer (layer == num_hidden_layers): it then reads the final hidden state through the model's own
+final norm, so its listed logits are exactly the full model's, and a row that exits there skips only
+the full LM head.
 """
 import json
 import math
@@ -73,15 +83,69 @@ class ResidualAdapter(nn.Module):
         return self.down(nn.functional.silu(self.gate(h)) * self.up(h))
 
 
+class MassEstimator(nn.Module):
+    """o(y) = logsumexp_c(a_c . y + b_c) ~= log sum_{j not listed} exp(w_j . y), y the head's normed
+    input [N, d] -> [N] f32. C linear pieces of a convex function that is itself a log-sum-exp of
+    linear pieces (one per unlisted token): initialised from clusters of the unlisted LM-head rows
+    (a_c = centroid, b_c = log cluster size), then fitted to the exact value (calibration/fit.py)."""
+
+    def __init__(self, dim: int, components: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, components)
+
+    @property
+    def num_components(self) -> int:
+        return self.proj.out_features
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self.proj(y.to(self.proj.weight.dtype)).float(), dim=-1)
+
+
 class ExitHead(nn.Module):
     def __init__(self, layer: int, dim: int, eps: float, spec: AdapterSpec, norm_init: torch.Tensor | None = None,
-                 gate: bool = False):
+                 gate: bool = False, shortlist_ids: torch.Tensor | None = None, mass_components: int = 0):
         super().__init__()
         self.layer = layer
         self.eps = eps
         self.norm_weight = nn.Parameter(norm_init.detach().clone().float() if norm_init is not None else torch.ones(dim))
         self.adapter = None if spec.kind == "norm" else ResidualAdapter(dim, spec)
         self.gate = nn.Linear(dim, 1) if gate else None
+        if shortlist_ids is not None and mass_components < 1:
+            raise ValueError("a shortlist head needs a mass estimator (mass_components >= 1)")
+        # [K] int64 vocabulary ids, most frequent first; None = a full-vocabulary head
+        self.register_buffer("shortlist_ids", None if shortlist_ids is None else shortlist_ids.long().clone())
+        self.mass = MassEstimator(dim, mass_components) if shortlist_ids is not None else None
+        self.shortlist_weight: torch.Tensor | None = None  # [K, d] rows of the LM head, set by `bind`
+
+    @property
+    def has_shortlist(self) -> bool:
+        return self.shortlist_ids is not None
+
+    @property
+    def num_listed(self) -> int:
+        return len(self.shortlist_ids) if self.has_shortlist else 0
+
+    def bind(self, lm_head_weight: torch.Tensor) -> None:
+        """Copy the listed rows of the LM head [V, d] into a contiguous [K, d] (same dtype and device)."""
+        if self.has_shortlist:
+            self.shortlist_weight = lm_head_weight.detach()[self.shortlist_ids.to(lm_head_weight.device)].contiguous()
+
+    @property
+    def bound_weight(self) -> torch.Tensor:
+        """[K, d] the listed LM-head rows (after `bind`)."""
+        if self.shortlist_weight is None:
+            raise RuntimeError(f"the shortlist head at layer {self.layer} is not bound to an LM head (ExitHeadSet.bind)")
+        return self.shortlist_weight
+
+    def normed(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """hidden [N, d] -> y [N, d] in dtype: the head's RMSNorm of its adapted input (the LM head's input)."""
+        return rms_norm(self.adapted(hidden), self.norm_weight.to(hidden.dtype), self.eps).to(dtype)
+
+    def shortlist_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, d] -> [N, K + 1] f32: the listed tokens' logits, then the estimated other logit."""
+        weight = self.bound_weight
+        y = self.normed(hidden, weight.dtype)
+        return torch.cat([(y @ weight.T).float(), self.mass(y)[:, None]], dim=1)
 
     def gate_score(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, d] -> [N] float32 in (0, 1): the probe's guess of the head's margin (1 without a gate)."""
@@ -97,9 +161,8 @@ class ExitHead(nn.Module):
         return hidden + self.adapter(hidden.to(self.norm_weight.dtype)).to(hidden.dtype)
 
     def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, V] through the shared LM head."""
-        normed = rms_norm(self.adapted(hidden), self.norm_weight.to(hidden.dtype), self.eps)
-        return normed.to(lm_head_weight.dtype) @ lm_head_weight.T
+        """hidden [N, d] -> logits [N, V] through the whole shared LM head (offline: fitting, calibration)."""
+        return self.normed(hidden, lm_head_weight.dtype) @ lm_head_weight.T
 
 
 def _key(eps: float) -> str:
@@ -133,24 +196,83 @@ class ExitHeadSet(nn.Module):
         self.meta = meta
 
     @classmethod
-    def create(cls, model, layers: list[int], spec: AdapterSpec, base: dict) -> "ExitHeadSet":
-        """Fresh heads (logit lens + zero adapters) for `model`; base = {"name", "fingerprint"}."""
+    def create(cls, model, layers: list[int], spec: AdapterSpec, base: dict, *, shortlist: torch.Tensor | None = None,
+               shortlist_layers: list[int] | None = None, mass_components: int = 0,
+               shortlist_meta: dict | None = None) -> "ExitHeadSet":
+        """Fresh heads (logit lens + zero adapters) for `model`; base = {"name", "fingerprint"}.
+
+        shortlist [K] token ids: the heads at shortlist_layers (default: all) read out only those rows
+        plus a mass estimator of mass_components pieces (untrained); shortlist_meta (how the list was
+        built, its data hashes) is recorded in exits.json. A head at layer num_hidden_layers (after the
+        last layer) must be a shortlist head; it uses the model's final norm and never an adapter."""
         config = model.config
-        bad = [k for k in layers if not 1 <= k < config.num_hidden_layers]
+        num_layers = config.num_hidden_layers
+        layers = sorted(set(layers))
+        shortlist_layers = sorted(set(layers if shortlist_layers is None else shortlist_layers))
+        bad = [k for k in layers if not 1 <= k <= num_layers]
         if bad:
-            raise ValueError(f"exit layers must be in 1..{config.num_hidden_layers - 1}, got {bad}")
+            raise ValueError(f"exit layers must be in 1..{num_layers}, got {bad}")
+        if shortlist is None:
+            shortlist_layers = []
+        if not set(shortlist_layers) <= set(layers):
+            raise ValueError(f"shortlist layers {shortlist_layers} must be exit layers ({layers})")
+        if num_layers in layers and num_layers not in shortlist_layers:
+            raise ValueError(f"a head after the last layer ({num_layers}) must be a shortlist head: the full LM "
+                             "head is what it saves")
+        if shortlist is not None:
+            shortlist = torch.as_tensor(shortlist, dtype=torch.long)
+            if len(shortlist) < 1 or shortlist.unique().numel() != len(shortlist) or \
+                    not bool(((shortlist >= 0) & (shortlist < config.vocab_size)).all()):
+                raise ValueError(f"the shortlist must be distinct token ids in [0, {config.vocab_size})")
         norm = model.model.norm.weight
-        heads = [ExitHead(k, config.hidden_size, config.rms_norm_eps, spec, norm) for k in sorted(set(layers))]
+        heads = [ExitHead(k, config.hidden_size, config.rms_norm_eps, AdapterSpec() if k == num_layers else spec, norm,
+                          shortlist_ids=shortlist if k in shortlist_layers else None,
+                          mass_components=mass_components if k in shortlist_layers else 0) for k in layers]
         meta = {
             "format": FORMAT,
-            "base_model": {**base, "num_hidden_layers": config.num_hidden_layers,
+            "base_model": {**base, "num_hidden_layers": num_layers,
                            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
                            "rms_norm_eps": config.rms_norm_eps},
             "head_kind": spec.kind, "adapter_rank": spec.rank,
-            "layers": sorted(set(layers)),
+            "layers": layers,
             "calibration": None,
         }
-        return cls(heads, meta)
+        if shortlist_layers:
+            meta["shortlist"] = {"layers": shortlist_layers, "size": len(shortlist), "mass_estimator": {
+                "kind": "lse-mixture", "components": mass_components}, **(shortlist_meta or {})}
+        heads = cls(heads, meta)
+        heads.bind(model.lm_head.weight)
+        return heads
+
+    def bind(self, lm_head_weight: torch.Tensor) -> "ExitHeadSet":
+        """Copy each shortlist head's LM-head rows from the model ([V, d]); heads with the same list
+        share one copy."""
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for head in self.heads.values():
+            if not head.has_shortlist:
+                continue
+            same = next((w for ids, w in copies if torch.equal(ids, head.shortlist_ids.cpu())), None)
+            if same is not None:
+                head.shortlist_weight = same
+            else:
+                head.bind(lm_head_weight)
+                copies.append((head.shortlist_ids.cpu(), head.shortlist_weight))
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() moves parameters and buffers; the bound LM-head rows follow (shared copies stay shared)
+        result = super()._apply(fn, *args, **kwargs)
+        moved: dict[int, torch.Tensor] = {}
+        for head in self.heads.values():
+            if head.shortlist_weight is not None:
+                key = id(head.shortlist_weight)
+                head.shortlist_weight = moved.setdefault(key, fn(head.shortlist_weight))
+        return result
+
+    @property
+    def num_layers(self) -> int:
+        """The model's decoder layers: a head at this layer sits after the last one."""
+        return int(self.meta["base_model"]["num_hidden_layers"])
 
     @property
     def layers(self) -> list[int]:
@@ -249,12 +371,16 @@ class ExitHeadSet(nn.Module):
                 p.copy_(p.to(dtype))
         tensors = {f"layer{k}.{name}": p.detach().to(dtype).contiguous().cpu()
                    for k, head in self.heads.items() for name, p in head.named_parameters()}
+        tensors.update({f"layer{k}.shortlist_ids": head.shortlist_ids.cpu().contiguous()
+                        for k, head in self.heads.items() if head.has_shortlist})
         save_file(tensors, str(directory / "exits.safetensors"))
         (directory / "exits.json").write_text(json.dumps(self.meta, indent=2, sort_keys=False) + "\n")
 
     @classmethod
-    def load(cls, directory, config=None, fingerprint: str | None = None) -> "ExitHeadSet":
-        """Load a head set; refuse one made for another model (by fingerprint and shapes)."""
+    def load(cls, directory, config=None, fingerprint: str | None = None,
+             lm_head: torch.Tensor | None = None) -> "ExitHeadSet":
+        """Load a head set; refuse one made for another model (by fingerprint and shapes). lm_head: the
+        model's [V, d] LM head, whose listed rows shortlist heads copy (`bind`; needed before use)."""
         directory = Path(directory)
         meta_path, weights_path = directory / "exits.json", directory / "exits.safetensors"
         for path in (meta_path, weights_path):
@@ -281,10 +407,22 @@ class ExitHeadSet(nn.Module):
         except Exception as err:  # safetensors raises several types for a damaged file
             raise HeadSetError(f"{weights_path}: cannot be read ({err})") from None
         heads = []
+        num_layers = base["num_hidden_layers"]
         for k in meta["layers"]:
-            norm = tensors[f"layer{k}.norm_weight"]
-            head = ExitHead(k, norm.shape[0], base.get("rms_norm_eps", 1e-5), spec, gate=f"layer{k}.gate.weight" in tensors)
             state = {name[len(f"layer{k}."):]: t for name, t in tensors.items() if name.startswith(f"layer{k}.")}
-            head.load_state_dict(state)
+            ids = state.get("shortlist_ids")
+            if k == num_layers and ids is None:
+                raise HeadSetError(f"{meta_path}: the head after the last layer ({k}) has no shortlist")
+            if ids is not None and (ids.dtype != torch.int64 or not bool(((ids >= 0) & (ids < base["vocab_size"])).all())):
+                raise HeadSetError(f"{weights_path}: layer {k}'s shortlist holds ids outside the vocabulary")
+            components = state["mass.proj.bias"].shape[0] if ids is not None and "mass.proj.bias" in state else 0
+            try:
+                head = ExitHead(k, state["norm_weight"].shape[0], base.get("rms_norm_eps", 1e-5),
+                                AdapterSpec() if k == num_layers else spec, gate="gate.weight" in state,
+                                shortlist_ids=ids, mass_components=components)
+                head.load_state_dict(state)
+            except (KeyError, RuntimeError, ValueError) as err:
+                raise HeadSetError(f"{weights_path}: layer {k} does not fit its exits.json ({err})") from None
             heads.append(head)
-        return cls(heads, meta)
+        loaded = cls(heads, meta)
+        return loaded.bind(lm_head) if lm_head is not None else loaded

@@ -88,3 +88,31 @@ def test_adapter_kinds_add_their_flops_to_a_head():
     assert linear_head.full_depth_flops() == norm_head.full_depth_flops()
     with pytest.raises(ValueError, match="unknown head kind"):
         adapter_flops(d, "conv")
+
+
+def test_a_shortlist_head_costs_its_rows_and_estimator():
+    cost = CostModel.from_config(SMOLLM2, head_kind="linear", adapter_rank=64)
+    d = SMOLLM2.hidden_size
+    short = cost.exit_head_flops(num_listed=4096, mass_components=256, adapter=False)
+    y, rows, pieces = (torch.empty(1, d, device="meta"), torch.empty(4096, d, device="meta"),
+                       torch.empty(256, d, device="meta"))
+    matmuls = counted_flops(lambda: (F.linear(y, rows), F.linear(y, pieces)))
+    assert 0 < short - matmuls < 0.02 * short  # the rest: norm, log-sum-exp, softmax over 4097 outcomes
+    assert cost.exit_head_flops(4096, 256, adapter=True) - short == adapter_flops(d, "linear", 64)
+    assert cost.exit_head_flops() == cost.head_flops  # no shortlist: the whole vocabulary
+    assert 0.55 < short / cost.layer_flops() < 0.75  # K = 4096: about 0.65 of a layer, against ~7.4 for a full head
+
+
+def test_a_last_layer_exit_skips_only_the_lm_head():
+    cost = CostModel.from_config(SMOLLM2, context_len=128)
+    layers = SMOLLM2.num_hidden_layers
+    head = cost.exit_head_flops(4096, 256, adapter=False)
+    exited = cost.token_flops(layers, head_flops=head, full_head=False)
+    stayed = cost.token_flops(layers, head_flops=head, full_head=True)
+    assert exited == pytest.approx(layers * cost.layer_flops() + head, rel=1e-12)
+    assert stayed - exited == cost.final_flops and stayed > cost.full_depth_flops()
+    saved = 1 - exited / cost.full_depth_flops()
+    assert 0.15 < saved < 0.20  # the LM head is about a sixth of a full-depth token, minus the shortlist
+    vector = cost.token_flops(np.array([10, 30, 30]), head_flops=np.array([2 * head, head, head]),
+                              full_head=np.array([False, False, True]))
+    np.testing.assert_allclose(vector, [cost.token_flops(10, head_flops=2 * head), exited, stayed], rtol=1e-12)
