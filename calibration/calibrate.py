@@ -3,7 +3,9 @@
 1. Features (`head_features`): the frozen model teacher-forced on calibration replies (its own
    greedy replies to prompts kept out of fitting); at each counted position and each head, the
    policy inputs (margin, p1, entropy, hidden cosines) and `correct` = the head's top-1 equals the
-   full model's top-1 on the same prefix.
+   full model's top-1 on the same prefix. A shortlist head is read as the engine reads it: over its
+   listed tokens and "other"; where "other" comes first the token cannot exit there (statistic
+   -inf) and it does not agree.
 2. Selection (`select`): every subset of heads, calibrated from scratch (thresholds.py: sequential
    from the shallowest head, Learn-then-Test when delta is given, delta split across subsets and
    gate settings), priced with every cost counted: the layers run, the KV fill of the layers
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 
 from calibration.data import Sample, batches
-from server.engine.exit_policies import ExitFeatures, get_policy, pairwise_cosine
 from calibration.thresholds import assign_exits, calibrate_sequential, clopper_pearson_lower
+from server.engine.exit_policies import ExitFeatures, get_policy, pairwise_cosine
 from server.model.costs import CostModel
 
 GATE_RECALLS = (1.0, 0.98, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2)  # 1.0 = no gate
@@ -39,10 +41,40 @@ class HeadFeatures:
     features: ExitFeatures  # policy inputs [H, N] (+ cosines)
     correct: np.ndarray  # [H, N] head top-1 == full top-1
     gate: np.ndarray  # [H, N] gate scores (1 where a head has no gate)
-    head_token: np.ndarray  # [H, N] head top-1
+    head_token: np.ndarray  # [H, N] head top-1 (-1: "other" came first at a shortlist head)
     final_token: np.ndarray  # [N] full model's top-1
     next_logprob: np.ndarray  # [H + 1, N] log-probability of the data's next token: each head, then the full model
     context: np.ndarray  # [N] keys a decode row at this position attends over (position + 1)
+    category: np.ndarray | None = None  # [N] the prompt category of each position ("text" for text)
+
+
+def head_readout(head, hidden: torch.Tensor, lm_head_weight: torch.Tensor, next_tokens: torch.Tensor) -> dict:
+    """One head on hidden [n, d]: margin, p1, entropy, top-1 and the next token's log-probability [n],
+    over the whole vocabulary, or for a shortlist head over its listed tokens ∪ {other} (the engine's
+    view): a position whose top-1 is "other" gets token -1 and margin/p1 -inf, entropy +inf (it cannot
+    exit there under any policy), and an unlisted next token the other mass spread evenly over the
+    unlisted ones (its perplexity contribution)."""
+    if not head.has_shortlist:
+        logq = torch.log_softmax(head.logits(hidden, lm_head_weight).float(), dim=-1)
+        top2 = logq.exp().topk(2, dim=-1)
+        return dict(margin=top2.values[:, 0] - top2.values[:, 1], max_prob=top2.values[:, 0],
+                    entropy=-(logq.exp() * logq).sum(-1), token=top2.indices[:, 0],
+                    logprob=logq.gather(1, next_tokens[:, None])[:, 0])
+    logq = torch.log_softmax(head.shortlist_logits(hidden), dim=-1)  # [n, K + 1]
+    num_listed = logq.shape[1] - 1
+    top2 = logq.exp().topk(2, dim=-1)
+    other = top2.indices[:, 0] == num_listed
+    ids = head.shortlist_ids.to(hidden.device)
+    column = torch.full((lm_head_weight.shape[0],), -1, dtype=torch.long, device=hidden.device)
+    column[ids] = torch.arange(num_listed, device=hidden.device)
+    at = column[next_tokens]
+    spread = logq[:, num_listed] - math.log(max(lm_head_weight.shape[0] - num_listed, 1))
+    inf = torch.full_like(top2.values[:, 0], math.inf)
+    return dict(margin=torch.where(other, -inf, top2.values[:, 0] - top2.values[:, 1]),
+                max_prob=torch.where(other, -inf, top2.values[:, 0]),
+                entropy=torch.where(other, inf, -(logq.exp() * logq).sum(-1)),
+                token=torch.where(other, -1, ids[top2.indices[:, 0].clamp(max=num_listed - 1)]),
+                logprob=torch.where(at >= 0, logq.gather(1, at.clamp(min=0)[:, None])[:, 0], spread))
 
 
 @torch.no_grad()
@@ -64,14 +96,12 @@ def head_features(model, heads, samples: list[Sample], *, batch_tokens: int = 20
         for head in heads.heads.values():
             h = hidden[head.layer][where]
             states.append(h)
-            logq = torch.log_softmax(head.logits(h, weight).float(), dim=-1)
-            q = logq.exp()
-            top2 = q.topk(2, dim=-1)
-            margin.append(top2.values[:, 0] - top2.values[:, 1])
-            max_prob.append(top2.values[:, 0])
-            entropy.append(-(q * logq).sum(-1))
-            token.append(top2.indices[:, 0])
-            logprob.append(logq.gather(1, targets[:, None])[:, 0])
+            read = head_readout(head, h, weight, targets)
+            margin.append(read["margin"])
+            max_prob.append(read["max_prob"])
+            entropy.append(read["entropy"])
+            token.append(read["token"])
+            logprob.append(read["logprob"])
             gate.append(head.gate_score(h))
         logprob.append(final.gather(1, targets[:, None])[:, 0])
         part = {k: torch.stack(v).cpu().numpy() for k, v in
@@ -80,6 +110,7 @@ def head_features(model, heads, samples: list[Sample], *, batch_tokens: int = 20
         part.update({k: v.cpu().numpy() for k, v in rows.items()})
         if cosines:
             part["cosine"] = pairwise_cosine(torch.stack(states))
+        part["category"] = np.concatenate([[samples[i].category] * len(samples[i].counted) for i in group])
         parts.append(part)
         if progress is not None:
             progress.update(int(where.sum()))
@@ -88,14 +119,16 @@ def head_features(model, heads, samples: list[Sample], *, batch_tokens: int = 20
                             cat("cosine", 2) if cosines else None)
     head_token, final_token = cat("head_token"), cat("final_token", 0)
     return HeadFeatures(features, head_token == final_token[None], cat("gate"), head_token, final_token,
-                        cat("next_logprob"), cat("context", 0))
+                        cat("next_logprob"), cat("context", 0), cat("category", 0))
 
 
-def execution(stats, thresholds, gate_scores, gate_cuts, layers, cost_model, context) -> dict:
+def execution(stats, thresholds, gate_scores, gate_cuts, layers, cost_model, context, head_costs=None) -> dict:
     """Per token, where it exits and what it costs, when the heads at `layers` run in depth order:
     a head with a finite gate cut runs its gate on every row that reaches it and is evaluated only
     where gate_scores [H, N] >= the cut; a row exits where the statistic reaches the threshold.
-    Returns exit_index [N] (H = full depth), flops [N], heads_evaluated [N], gate_pass [H, N]."""
+    head_costs [H]: the FLOPs of one evaluation of each head (default: a full-vocabulary head each);
+    a token that exits anywhere, the head after the last layer included, skips the full LM head.
+    Returns exit_index [N] (H = ran the LM head), flops [N], heads_evaluated [N], gate_pass [H, N]."""
     cuts = np.asarray(gate_cuts, dtype=float).reshape(-1, 1)
     gate_pass = np.asarray(gate_scores) >= cuts
     stats = np.where(gate_pass, stats, -np.inf)
@@ -105,13 +138,15 @@ def execution(stats, thresholds, gate_scores, gate_cuts, layers, cost_model, con
     heads_evaluated = (reached & gate_pass).sum(0)
     gates_evaluated = (reached & np.isfinite(cuts)).sum(0)
     exit_layer = np.append(np.asarray(layers, dtype=int), cost_model.num_hidden_layers)[exit_index]
-    flops = cost_model.token_flops(exit_layer, heads_evaluated, context, gates_evaluated)
+    per_head = np.full(num_heads, float(cost_model.head_flops)) if head_costs is None else np.asarray(head_costs, float)
+    flops = cost_model.token_flops(exit_layer, context_len=context, gates_evaluated=gates_evaluated,
+                                   head_flops=per_head @ (reached & gate_pass), full_head=exit_index == num_heads)
     return {"exit_index": exit_index, "flops": np.asarray(flops, dtype=float), "heads_evaluated": heads_evaluated,
             "gate_pass": gate_pass}
 
 
 def select(stat_fn, correct, gate, layers, cost_model, epsilon, delta=None, *, context=None, recalls=(1.0,),
-           min_exits=30) -> dict:
+           min_exits=30, head_costs=None) -> dict:
     """Best subset of heads and gate setting at epsilon (see the module docstring). stat_fn(subset)
     -> [len(subset), N] statistics. Returns {"thresholds": [H] (inf = off), "gate_cuts": [H]
     (-inf = no gate), "recall", "saved_fraction"}."""
@@ -139,7 +174,8 @@ def select(stat_fn, correct, gate, layers, cost_model, epsilon, delta=None, *, c
                 thresholds = calibrate_sequential(gated, agree, epsilon, delta_each, min_exits=min_exits)
                 if not all(math.isfinite(t) for t in thresholds):
                     continue
-            run = execution(stats, thresholds, scores, cuts, [layers[i] for i in rows], cost_model, context)
+            run = execution(stats, thresholds, scores, cuts, [layers[i] for i in rows], cost_model, context,
+                            None if head_costs is None else [head_costs[i] for i in rows])
             saved = 1 - float(run["flops"].mean()) / full
             if saved > best["saved_fraction"]:
                 best = {"thresholds": [math.inf] * num_heads, "gate_cuts": [-math.inf] * num_heads,
@@ -150,12 +186,15 @@ def select(stat_fn, correct, gate, layers, cost_model, epsilon, delta=None, *, c
     return best
 
 
-def report(stats_all, correct, gate, layers, thresholds, gate_cuts, cost_model, context, delta_head=None) -> dict:
-    """Per head and overall, with these thresholds and cuts: exits, agreement, compute per token."""
+def report(stats_all, correct, gate, layers, thresholds, gate_cuts, cost_model, context, delta_head=None,
+           head_costs=None, category=None) -> dict:
+    """Per head and overall, with these thresholds and cuts: exits, agreement, compute per token; and
+    per prompt category (category [N]) the exit share and agreement."""
     kept = [i for i, t in enumerate(thresholds) if math.isfinite(t)]
     stats, agree = stats_all[kept], correct[kept]
     run = execution(stats, [thresholds[i] for i in kept], gate[kept], [gate_cuts[i] for i in kept],
-                    [layers[i] for i in kept], cost_model, context)
+                    [layers[i] for i in kept], cost_model, context,
+                    None if head_costs is None else [head_costs[i] for i in kept])
     exit_index, gate_pass, num_tokens = run["exit_index"], run["gate_pass"], correct.shape[1]
     heads = []
     for i, layer in enumerate(layers):
@@ -171,13 +210,23 @@ def report(stats_all, correct, gate, layers, thresholds, gate_cuts, cost_model, 
                 entry["agreement_lower_bound"] = float(clopper_pearson_lower(agreed, n, delta_head))
         heads.append(entry)
     exited = exit_index < len(kept)
-    agreed = sum(int(agree[j][exit_index == j].sum()) for j in range(len(kept)))
+    agreeing = np.zeros(num_tokens, dtype=bool)
+    for j in range(len(kept)):
+        agreeing |= (exit_index == j) & agree[j]
     full = cost_model.full_depth_flops(context)
-    return {"heads": heads, "num_tokens": num_tokens, "exit_fraction": float(exited.mean()),
-            "agreement": agreed / int(exited.sum()) if exited.any() else None,
-            "heads_evaluated_per_token": float(run["heads_evaluated"].mean()),
-            "flops_per_token": float(run["flops"].mean()), "full_depth_flops_per_token": float(np.mean(full)),
-            "saved_fraction": 1 - float(run["flops"].mean()) / float(np.mean(full))}
+    out = {"heads": heads, "num_tokens": num_tokens, "exit_fraction": float(exited.mean()),
+           "agreement": int(agreeing.sum()) / int(exited.sum()) if exited.any() else None,
+           "heads_evaluated_per_token": float(run["heads_evaluated"].mean()),
+           "flops_per_token": float(run["flops"].mean()), "full_depth_flops_per_token": float(np.mean(full)),
+           "saved_fraction": 1 - float(run["flops"].mean()) / float(np.mean(full))}
+    if category is not None:
+        out["categories"] = {}
+        for name in sorted(set(category.tolist())):
+            at = category == name
+            n = int((exited & at).sum())
+            out["categories"][name or "unknown"] = {"num_tokens": int(at.sum()), "exit_share": float(exited[at].mean()),
+                                                    "agreement": int((agreeing & at).sum()) / n if n else None}
+    return out
 
 
 def _finite(value):
@@ -193,14 +242,16 @@ def calibrate(heads, hf: HeadFeatures, cost_model: CostModel, epsilons, *, polic
     rule = get_policy(policy, policy_params)
     stat_fn = lambda subset: rule.statistic(hf.features.subset(subset))
     all_stats = stat_fn(range(len(heads.layers)))
+    head_costs = heads.evaluation_flops(cost_model)
     entries = {}
     for eps in epsilons:
         target = (working or {}).get(eps, eps)
-        plans = [select(stat_fn, hf.correct, hf.gate, heads.layers, cost_model, target, delta, context=hf.context,
-                        recalls=(1.0,), min_exits=min_exits)]
+        options = dict(context=hf.context, min_exits=min_exits, head_costs=head_costs)
+        plans = [select(stat_fn, hf.correct, hf.gate, heads.layers, cost_model, target, delta, recalls=(1.0,),
+                        **options)]
         if gates and heads.has_gates:
             plans.append(select(stat_fn, hf.correct, hf.gate, heads.layers, cost_model, target, delta,
-                                context=hf.context, recalls=GATE_RECALLS, min_exits=min_exits))
+                                recalls=GATE_RECALLS, **options))
         stored = []
         for best in plans:
             kept = len(best["subset"]) or 1
@@ -211,7 +262,8 @@ def calibrate(heads, hf: HeadFeatures, cost_model: CostModel, epsilons, *, polic
             stored.append({"thresholds": dict(zip(heads.layers, best["thresholds"])),
                            "gate_cuts": dict(zip(heads.layers, best["gate_cuts"])), "gate_recall": best["recall"],
                            "teacher_forced": report(full_stats, hf.correct, hf.gate, heads.layers, best["thresholds"],
-                                                    best["gate_cuts"], cost_model, hf.context, delta_head)})
+                                                    best["gate_cuts"], cost_model, hf.context, delta_head,
+                                                    head_costs, hf.category)})
         entry = {"working_epsilon": target, **stored[0]}
         del entry["gate_cuts"], entry["gate_recall"]
         if len(stored) > 1:

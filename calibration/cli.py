@@ -31,7 +31,7 @@ def register(subparsers):
     fit.add_argument("--head-rank", type=int, default=64, help="linear: rank (0 = full d x d); mlp: hidden width")
     fit.add_argument("--loss", default="kl", help="kl (KL(final || head)) or ce-entropy:LAMBDA")
     fit.add_argument("--prompts", action="append", default=None,
-                     help="prompt file (repeatable; default: the shipped calibration/prompts/train.txt)")
+                     help="prompt file (repeatable; default: the shipped calibration/prompts/fit.jsonl)")
     fit.add_argument("--text", action="append", default=[], help="text file (repeatable)")
     fit.add_argument("--tokens", type=int, default=60_000, help="fitting positions, replies first, then text")
     fit.add_argument("--samples-per-prompt", type=int, default=2)
@@ -50,7 +50,7 @@ def register(subparsers):
     _common(cal)
     cal.add_argument("--heads", required=True, help="head-set folder (written in place)")
     cal.add_argument("--prompts", action="append", default=None,
-                     help="prompt file (repeatable; default: the shipped calibration/prompts/calib.txt)")
+                     help="prompt file (repeatable; default: the shipped calibration/prompts/calib.jsonl)")
     cal.add_argument("--epsilon", default="0.9,0.95,0.99", help="target agreements, comma-separated")
     cal.add_argument("--delta", type=float, default=None, help="Learn-then-Test failure probability (off if absent)")
     cal.add_argument("--policy", default="margin", help="margin, maxprob, entropy, monotonic or saturation")
@@ -123,7 +123,7 @@ def run_fit(args):
     loaded = _setup(args)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "cache"
-    prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "train.txt")]
+    prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "fit.jsonl")]
     layers = _layers(args.layers)
     heads = ExitHeadSet.create(loaded.model, layers, spec, {"name": loaded.name, "fingerprint": loaded.fingerprint})
     heads.to(loaded.model.lm_head.weight.device)
@@ -180,7 +180,7 @@ def run_calibrate(args):
     heads.to(loaded.model.lm_head.weight.device).eval()
     out = Path(args.out or args.heads)
     cache = Path(args.cache) if args.cache else Path(args.heads) / "cache"  # beside the fitted set, not the output
-    prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "calib.txt")]
+    prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "calib.jsonl")]
     prompts = _prompts(prompt_files)
     fit_prompts = set(heads.meta.get("fit", {}).get("prompts", {}).values())
     overlap = fit_prompts & {file_hash(p) for p in prompt_files}

@@ -22,6 +22,21 @@ log = logging.getLogger(__name__)
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A chat prompt: its messages as (role, content) pairs, ending with a user turn, and the kind of
+    request it stands for (chat, code, long, ...; "" when the file does not say)."""
+    messages: tuple[tuple[str, str], ...]
+    category: str = ""
+
+    @classmethod
+    def user(cls, text: str, category: str = "") -> "Prompt":
+        return cls((("user", text),), category)
+
+    def chat_messages(self) -> list[dict]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
 @dataclass
 class Sample:
     token_ids: list[int]
@@ -29,6 +44,7 @@ class Sample:
     source: str = "reply"  # reply | text
     exit_layers: list[int] | None = None  # per reply token, the depth that produced it (on-policy runs)
     decode_flops: tuple[float, float] | None = None  # engine's accounting: (spent, at full depth) for the reply
+    category: str = ""  # the prompt's category (replies), or "text"
 
     @property
     def counted(self) -> range:
@@ -44,21 +60,37 @@ class Sample:
         return self.token_ids[self.start:] if self.source == "reply" else self.token_ids
 
 
-def read_prompts(path) -> list[str]:
-    """One prompt per line; a .jsonl file gives turns[0] (Vicuna/MT-bench) or its "prompt" field."""
+def read_prompts(path) -> list[Prompt]:
+    """One user prompt per line of a text file; a .jsonl file gives per line its "messages" (and
+    "category"; calibration/prompt_sets.py writes these), or turns[0] (Vicuna/MT-bench), or "prompt"."""
     path = Path(path)
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix != ".jsonl":
-        return [line.strip() for line in lines]
+        return [Prompt.user(line.strip()) for line in lines]
     prompts = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         entry = json.loads(line)
-        prompts.append(entry["turns"][0] if "turns" in entry else entry["prompt"])
+        category = str(entry.get("category", ""))
+        if "messages" in entry:
+            messages = tuple((m["role"], m["content"]) for m in entry["messages"])
+            if not messages or messages[-1][0] != "user":
+                raise ValueError(f"{path}:{number}: the messages must end with a user turn")
+            prompts.append(Prompt(messages, category))
+        else:
+            prompts.append(Prompt.user(entry["turns"][0] if "turns" in entry else entry["prompt"], category))
     return prompts
 
 
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+def chat_ids(tokenizer, prompt: "Prompt | str") -> list[int]:
+    """The prompt rendered with the model's chat template, ready for the assistant's reply."""
+    messages = prompt.chat_messages() if isinstance(prompt, Prompt) else [{"role": "user", "content": prompt}]
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                            add_special_tokens=False)
+
+
+def prompt_key(prompt: "Prompt | str"):
+    """What identifies a prompt in the reply cache (JSON)."""
+    return [list(m) for m in prompt.messages] if isinstance(prompt, Prompt) else prompt
 
 
 def data_hash(samples: list[Sample]) -> str:
@@ -73,13 +105,15 @@ def file_hash(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def generate_replies(loaded, prompts: list[str], *, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-                     samples_per_prompt: int = 1, batch: int = 32, cache: Path | None = None,
+def generate_replies(loaded, prompts: list["Prompt | str"], *, max_tokens: int, temperature: float = 0.0,
+                     seed: int = 0, samples_per_prompt: int = 1, batch: int = 32, cache: Path | None = None,
                      heads=None, epsilon: float | None = None) -> list[Sample]:
-    """The model's replies to chat prompts, samples_per_prompt each, generated `batch` at a time.
+    """The model's replies to chat prompts, samples_per_prompt each, `batch` sequences at a time
+    (continuous batching: a finished reply makes room for the next prompt at once).
 
     heads/epsilon: generate with early exit (on-policy data; exit layers are recorded), else at
-    full depth. Replies are cached in `cache` (JSON lines) under a key of all the settings."""
+    full depth. Each reply is appended to `cache` (JSON lines) as it finishes, under a key of all the
+    settings, so a killed run resumes where it stopped."""
     from server.engine.config import EngineConfig
     from server.engine.engine import LLMEngine
     from server.engine.sampling_params import SamplingParams
@@ -88,41 +122,49 @@ def generate_replies(loaded, prompts: list[str], *, max_tokens: int, temperature
     settings = {"model": loaded.fingerprint, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
                 "heads": None if heads is None else _heads_key(heads, epsilon), "epsilon": epsilon}
     jobs = [(p, i) for p in prompts for i in range(samples_per_prompt)]
-    keys = [hashlib.sha256(json.dumps([settings, p, i]).encode()).hexdigest() for p, i in jobs]
+    keys = [hashlib.sha256(json.dumps([settings, prompt_key(p), i]).encode()).hexdigest() for p, i in jobs]
     done = _read_cache(cache)
     missing = [j for j, key in enumerate(keys) if key not in done]
     if missing:
-        max_len = max(len(chat_ids(tokenizer, jobs[j][0])) for j in missing) + max_tokens + 1
+        prompt_ids = {j: chat_ids(tokenizer, jobs[j][0]) for j in missing}
+        lengths = sorted(len(ids) + max_tokens + 1 for ids in prompt_ids.values())
+        # KV for `batch` typical sequences, and always room for the longest alone; the engine preempts
+        # (and recomputes) when long prompts crowd in together
+        tokens = (batch - 1) * lengths[len(lengths) // 2] + lengths[-1]
+        pool = kv_pool_bytes(loaded.config, 1, tokens, dtype=loaded.model.lm_head.weight.dtype)
         engine = LLMEngine(loaded.model, tokenizer, EngineConfig(
             model=loaded.name, heads=None, max_num_seqs=batch, max_num_batched_tokens=max(1024, batch),
-            max_model_len=max_len,
-            kv_cache_memory=kv_pool_bytes(loaded.config, batch, max_len, dtype=loaded.model.lm_head.weight.dtype)),
-            heads=heads)
-        for first in range(0, len(missing), batch):
-            chunk = missing[first:first + batch]
-            ids = [chat_ids(tokenizer, jobs[j][0]) for j in chunk]
-            params = [SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                     seed=None if temperature == 0 else seed * 1_000_003 + j,
-                                     exit_epsilon=epsilon, early_exit=heads is not None) for j in chunk]
-            outputs = engine.generate(ids, params)
+            max_model_len=lengths[-1], kv_cache_memory=pool), heads=heads)
+        for j in missing:
+            engine.add_request(str(j), prompt_ids[j], SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, seed=None if temperature == 0 else seed * 1_000_003 + j,
+                exit_epsilon=epsilon, early_exit=heads is not None))
+        finished = 0
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+        while engine.has_unfinished_requests():
             entries = []
-            for j, prompt_ids, out in zip(chunk, ids, outputs):
-                completion = out.outputs[0]
-                done[keys[j]] = {"prompt_ids": prompt_ids, "reply_ids": list(completion.token_ids),
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                j, completion = int(out.request_id), out.outputs[0]
+                done[keys[j]] = {"prompt_ids": prompt_ids[j], "reply_ids": list(completion.token_ids),
                                  "exit_layers": list(completion.exit_layers),
                                  "decode_flops": [out.decode_flops, out.decode_flops_full_depth]}
                 entries.append({"key": keys[j], **done[keys[j]]})
-            if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
+            if entries and cache is not None:
                 with cache.open("a") as f:
                     f.writelines(json.dumps(e) + "\n" for e in entries)
-            log.info("replies: %d / %d generated", first + len(chunk), len(missing))
+            if finished // 100 < (finished + len(entries)) // 100:
+                log.info("replies: %d / %d generated", finished + len(entries), len(missing))
+            finished += len(entries)
     samples = []
-    for key in keys:
+    for (prompt, _), key in zip(jobs, keys):
         entry = done[key]
         samples.append(Sample(entry["prompt_ids"] + entry["reply_ids"], len(entry["prompt_ids"]), "reply",
                               entry["exit_layers"] if heads is not None else None,
-                              tuple(entry["decode_flops"]) if heads is not None else None))
+                              tuple(entry["decode_flops"]) if heads is not None else None,
+                              category=prompt.category if isinstance(prompt, Prompt) else ""))
     return samples
 
 
@@ -161,7 +203,8 @@ def text_samples(path, tokenizer, *, seq_len: int = 256, max_tokens: int | None 
     ids = tokenizer.encode(Path(path).read_text(encoding="utf-8", errors="replace"))
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    return [Sample(ids[i:i + seq_len], 0, "text") for i in range(0, len(ids) - 1, seq_len) if len(ids[i:i + seq_len]) > 1]
+    return [Sample(ids[i:i + seq_len], 0, "text", category="text") for i in range(0, len(ids) - 1, seq_len)
+            if len(ids[i:i + seq_len]) > 1]
 
 
 def batches(samples: list[Sample], max_tokens: int = 4096):

@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from calibration.calibrate import execution, head_features, report
+from calibration.calibrate import execution, head_features, head_readout, report
+from calibration.thresholds import clopper_pearson_lower
 from calibration.data import Sample, batches, chat_ids, generate_replies
 from server.engine.exit_policies import get_policy
 from server.model.llama import ContiguousKVCache
@@ -43,12 +44,13 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
                                epsilon=epsilon)
     labels = full_top1(reference or loaded.model, samples)
     num_layers = loaded.config.num_hidden_layers
-    exit_layer, agree = [], []
+    exit_layer, agree, category = [], [], []
     for sample, top1 in zip(samples, labels):
         reply = sample.reply_ids
         # decode row at counted position p produced reply token p - start + 1
         exit_layer += sample.exit_layers[1:len(reply)]
         agree += [int(t) == int(f) for t, f in zip(reply[1:], top1)]
+        category += [sample.category] * (len(reply) - 1)
     exit_layer, agree = np.asarray(exit_layer, dtype=int), np.asarray(agree, dtype=bool)
     exited = exit_layer < num_layers
     spent = sum(s.decode_flops[0] for s in samples)
@@ -60,8 +62,33 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
                                 "agreement": float(agree[at].mean()) if at.any() else None}
     return {"num_tokens": int(len(exit_layer)), "exit_share": float(exited.mean()) if len(exited) else 0.0,
             "n_exited": int(exited.sum()), "agreement": float(agree[exited].mean()) if exited.any() else None,
+            "agreement_interval": agreement_interval(int(agree[exited].sum()), int(exited.sum())),
             "agreement_all_tokens": float(agree.mean()) if len(agree) else None, "heads": per_head,
+            "categories": by_category(np.asarray(category), exited, agree),
             "saved_fraction": 1 - spent / full if full else 0.0, "samples": samples}
+
+
+def agreement_interval(agreed: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Two-sided Clopper-Pearson interval of an agreement rate (exact binomial), None without exits."""
+    if n == 0:
+        return None
+    tail = (1 - level) / 2
+    low = float(clopper_pearson_lower(agreed, n, tail)) if agreed else 0.0
+    high = 1 - float(clopper_pearson_lower(n - agreed, n, tail)) if agreed < n else 1.0
+    return [low, high]
+
+
+def by_category(category: np.ndarray, exited: np.ndarray, agree: np.ndarray) -> dict[str, dict]:
+    """Per prompt category: tokens, exit share, and the agreement of its exited tokens with an interval,
+    so that a category the calibration set under-represents shows before users see it."""
+    out = {}
+    for name in sorted(set(category.tolist())):
+        at = category == name
+        n, agreed = int((exited & at).sum()), int((agree & exited & at).sum())
+        out[name or "unknown"] = {"num_tokens": int(at.sum()), "exit_share": float(exited[at].mean()),
+                                  "n_exited": n, "agreement": agreed / n if n else None,
+                                  "agreement_interval": agreement_interval(agreed, n)}
+    return out
 
 
 @torch.no_grad()
@@ -79,6 +106,7 @@ def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_mode
     device, num_layers = model.lm_head.weight.device, model.num_layers
     thresholds, cuts = heads.thresholds(epsilon, gated=True), heads.gate_cuts(epsilon)
     active = [k for k in heads.layers if math.isfinite(thresholds[k])]
+    head_cost = dict(zip(heads.layers, heads.evaluation_flops(cost_model)))
     samples, exit_layer, spent, full = [], [], 0.0, 0.0
     for prompt in prompts:
         prompt_ids = chat_ids(tokenizer, prompt)
@@ -90,7 +118,7 @@ def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_mode
         while len(reply) < max_tokens and reply[-1] not in tokenizer.eos_token_ids:
             position = torch.tensor([len(prompt_ids) + len(reply) - 1], device=device)
             cache.at(position)
-            hidden, done, depth, heads_run, gates_run = model.embed(torch.tensor(reply[-1:], device=device)), 0, num_layers, 0, 0
+            hidden, done, depth, head_flops, gates_run = model.embed(torch.tensor(reply[-1:], device=device)), 0, None, 0.0, 0
             for k in active:
                 hidden = model.run_layers(hidden, position, done, k, cache)
                 done = k
@@ -99,20 +127,21 @@ def gated_on_policy(loaded, heads, prompts: list[str], epsilon: float, cost_mode
                     gates_run += 1
                     if float(head.gate_score(hidden)[0]) < cuts[k]:
                         continue
-                heads_run += 1
-                probs = torch.softmax(head.logits(hidden, model.lm_head.weight)[0].float(), dim=-1).topk(2)
-                if float(probs.values[0] - probs.values[1]) >= thresholds[k]:
+                head_flops += head_cost[k]
+                read = head_readout(head, hidden, model.lm_head.weight, torch.zeros(1, dtype=torch.long, device=device))
+                if float(read["margin"][0]) >= thresholds[k]:
                     for deeper in range(k, num_layers):
                         cache.write(deeper, *model.layer_kv(deeper, hidden, position))
-                    depth, token = k, int(probs.indices[0])
+                    depth, token = k, int(read["token"][0])
                     break
-            if depth == num_layers:
+            if depth is None:  # no head answered: the rest of the layers and the LM head
                 hidden = model.run_layers(hidden, position, done, num_layers, cache)
                 token = int(model.final_logits(hidden)[0].argmax())
             reply.append(token)
-            exit_layer.append(depth)
+            exit_layer.append(num_layers if depth is None else depth)
             context = int(position[0]) + 1
-            spent += float(cost_model.token_flops(depth, heads_run, context, gates_run))
+            spent += float(cost_model.token_flops(exit_layer[-1], context_len=context, gates_evaluated=gates_run,
+                                                  head_flops=head_flops, full_head=depth is None))
             full += float(cost_model.full_depth_flops(context))
         samples.append(Sample(prompt_ids + reply, len(prompt_ids)))
     agree = np.asarray([int(t) == int(f) for s, top1 in zip(samples, full_top1(reference or model, samples))
@@ -146,7 +175,8 @@ def teacher_forced(heads, hf, cost_model, epsilon, gated=False) -> dict:
     full_thresholds, full_cuts = [math.inf] * len(heads.layers), [-math.inf] * len(heads.layers)
     for i, t, c in zip(kept, thresholds, cuts):
         full_thresholds[i], full_cuts[i] = t, c
-    return report(all_stats, hf.correct, hf.gate, heads.layers, full_thresholds, full_cuts, cost_model, hf.context)
+    return report(all_stats, hf.correct, hf.gate, heads.layers, full_thresholds, full_cuts, cost_model, hf.context,
+                  head_costs=heads.evaluation_flops(cost_model), category=hf.category)
 
 
 def perplexity(heads, hf, cost_model, epsilon) -> dict:
@@ -154,7 +184,9 @@ def perplexity(heads, hf, cost_model, epsilon) -> dict:
     kept, stats, thresholds, cuts = kept_head_statistics(heads, hf, epsilon)
     logprob_full = hf.next_logprob[-1]
     if kept:
-        run = execution(stats, thresholds, hf.gate[kept], cuts, [heads.layers[i] for i in kept], cost_model, hf.context)
+        costs = heads.evaluation_flops(cost_model)
+        run = execution(stats, thresholds, hf.gate[kept], cuts, [heads.layers[i] for i in kept], cost_model, hf.context,
+                        [costs[i] for i in kept])
         choices = np.vstack([hf.next_logprob[kept], logprob_full[None]])  # [len(kept) + 1, N]
         logprob = choices[run["exit_index"], np.arange(len(logprob_full))]
         exit_share = float((run["exit_index"] < len(kept)).mean())
