@@ -43,6 +43,16 @@ def register(subparsers):
     fit.add_argument("--hard-negatives", type=int, default=0,
                      help="positions scanned every 50 steps for the heads' own top tokens, added to the shortlist")
     fit.add_argument("--no-gate", dest="gate", action="store_false", help="fit no gate probes")
+    fit.add_argument("--shortlist", type=int, default=0,
+                     help="K: shortlist heads reading the K tokens the model most often predicts (0 = whole vocabulary)")
+    fit.add_argument("--shortlist-layers", default=None, help="which exit layers get the shortlist (default: all)")
+    fit.add_argument("--text-weight", type=float, default=0.25,
+                     help="weight of text positions against reply positions when ranking the shortlist")
+    fit.add_argument("--mass-components", type=int, default=256, help="pieces of each shortlist head's mass estimator")
+    fit.add_argument("--mass-quantile", type=float, default=0.9,
+                     help="pinball quantile of the mass estimator's fit (> 0.5 leans high: fewer exits, fewer errors)")
+    fit.add_argument("--mass-steps", type=int, default=3000)
+    fit.add_argument("--mass-positions", type=int, default=120_000, help="positions the estimators are fitted on")
     fit.add_argument("--out", required=True)
     fit.set_defaults(func=run_fit)
 
@@ -115,7 +125,7 @@ def run_fit(args):
 
     from calibration.data import data_hash, file_hash, generate_replies, text_samples
     from calibration.fit import FitConfig, StateCache, collect_states, fit_gates, fit_heads
-    from server.model.exit_heads import AdapterSpec, ExitHeadSet
+    from server.model.exit_heads import AdapterSpec
 
     config = FitConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        refresh_rows=args.hard_negatives)
@@ -125,16 +135,13 @@ def run_fit(args):
     cache = Path(args.cache) if args.cache else out / "cache"
     prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "fit.jsonl")]
     layers = _layers(args.layers)
-    heads = ExitHeadSet.create(loaded.model, layers, spec, {"name": loaded.name, "fingerprint": loaded.fingerprint})
-    heads.to(loaded.model.lm_head.weight.device)
-
     samples = generate_replies(loaded, _prompts(prompt_files), max_tokens=args.max_tokens,
                                temperature=args.temperature, seed=args.seed,
                                samples_per_prompt=args.samples_per_prompt, batch=args.batch,
                                cache=cache / "fit_replies.jsonl") if prompt_files else []
     reply_tokens = sum(len(s.counted) for s in samples)
-    for path in args.text:
-        budget = args.tokens - sum(len(s.counted) for s in samples)
+    for path in args.text:  # each text file gets an equal share of what the replies left
+        budget = (args.tokens - reply_tokens) // len(args.text)
         if budget > 0:
             samples += text_samples(path, loaded.tokenizer, max_tokens=budget)
     states_path = cache / f"states-{data_hash(samples)}-{'-'.join(map(str, layers))}.pt"
@@ -146,8 +153,10 @@ def run_fit(args):
                                     shard_dir=states_path.with_suffix(""), progress=bar)
         states.save(states_path)
     log.info("fitting on %d positions (%d from replies)", len(states), reply_tokens)
+    heads = _create_heads(args, loaded, layers, spec, states, data_hash(samples))
     with tqdm(total=config.steps, unit="step", desc="fit heads") as bar:
         history = fit_heads(heads, loaded.model.lm_head.weight, states, config, progress=bar)
+    mass_error = _fit_mass(args, loaded, heads, states) if args.shortlist else None
     gate_error = fit_gates(heads, loaded.model.lm_head.weight, states, seed=args.seed) if args.gate else None
     heads.meta["fit"] = {
         "loss": args.loss, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
@@ -155,10 +164,66 @@ def run_fit(args):
         "prompts": {Path(p).name: file_hash(p) for p in prompt_files}, "text": {Path(t).name: file_hash(t) for t in args.text},
         "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "max_tokens": args.max_tokens,
         "data_hash": data_hash(samples), "final_loss": history[-1]["loss"] if history else None,
-        "gate_mean_abs_error": gate_error}
+        "gate_mean_abs_error": gate_error, "mass_error_held_out": mass_error}
     heads.save(out, torch.float16)
     (out / "fit_history.json").write_text(json.dumps(history) + "\n")
     print(f"fitted heads at layers {','.join(map(str, layers))} on {len(states)} positions: {out}")
+
+
+def _create_heads(args, loaded, layers, spec, states, states_hash: str):
+    """Fresh heads; with --shortlist, the K tokens the full model most often predicts on the fitting
+    positions (replies, and text at --text-weight) for the shortlist layers, recorded in exits.json."""
+    from calibration.shortlist import coverage, rank_tokens
+    from server.model.exit_heads import ExitHeadSet
+
+    base = {"name": loaded.name, "fingerprint": loaded.fingerprint}
+    if not args.shortlist:
+        heads = ExitHeadSet.create(loaded.model, layers, spec, base)
+        return heads.to(loaded.model.lm_head.weight.device)
+    if not 1 <= args.shortlist < loaded.config.vocab_size:
+        raise UsageError(f"--shortlist must be in 1..{loaded.config.vocab_size - 1}")
+    is_reply = states.is_reply if states.is_reply is not None else torch.ones(len(states), dtype=torch.bool)
+    top1 = states.top_ids[:, 0]
+    order = rank_tokens(top1, is_reply, loaded.config.vocab_size, args.text_weight)
+    meta = {"ranking": "frequency of the full model's top-1 on the fitting positions",
+            "reply_positions": int(is_reply.sum()), "text_positions": int((~is_reply).sum()),
+            "text_weight": args.text_weight, "data": {"fit_positions": states_hash},
+            "coverage_on_fit_positions": coverage(order, top1, [1024, 2048, 4096, 8192, args.shortlist])}
+    shortlist_layers = _layers(args.shortlist_layers) if args.shortlist_layers else layers
+    heads = ExitHeadSet.create(loaded.model, layers, spec, base, shortlist=order[:args.shortlist],
+                               shortlist_layers=shortlist_layers, mass_components=args.mass_components,
+                               shortlist_meta=meta)
+    return heads.to(loaded.model.lm_head.weight.device).bind(loaded.model.lm_head.weight)
+
+
+def _fit_mass(args, loaded, heads, states) -> dict:
+    """Fit every shortlist head's mass estimator to the exact unlisted log-mass at --mass-positions
+    cached positions (90%), and report its error on the other 10%."""
+    from tqdm import tqdm
+
+    from calibration.shortlist import MassFitConfig, fit_mass_estimator, mass_error, unlisted_log_mass
+
+    weight = loaded.model.lm_head.weight.detach()
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = torch.randperm(len(states), generator=generator)[:args.mass_positions]
+    held = max(1, len(rows) // 10)
+    config = MassFitConfig(components=args.mass_components, steps=args.mass_steps, quantile=args.mass_quantile,
+                           seed=args.seed)
+    errors = {}
+    for head in heads.heads.values():
+        if not head.has_shortlist:
+            continue
+        with torch.no_grad():
+            hidden = states.hidden[rows, states.layers.index(head.layer)].to(weight.device).float()
+            y = head.normed(hidden, weight.dtype)
+        target = unlisted_log_mass(y, weight, head.shortlist_ids)
+        with tqdm(total=config.steps, unit="step", desc=f"mass estimator {head.layer}") as bar:
+            fit_mass_estimator(head, weight, y[held:], target[held:], config, progress=bar)
+        errors[str(head.layer)] = mass_error(head, y[:held], target[:held])
+        log.info("layer %d mass estimator, held out: %s", head.layer, errors[str(head.layer)])
+    heads.meta["shortlist"]["mass_estimator"].update(quantile=config.quantile, steps=config.steps,
+                                                     positions=len(rows) - held)
+    return errors
 
 
 def run_calibrate(args):

@@ -42,18 +42,19 @@ class StateCache:
     hidden: torch.Tensor  # [N, H, d] float16, hidden state after layers[h] decoder layers
     top_ids: torch.Tensor  # [N, K] int64, the final distribution's K most probable tokens, descending
     top_probs: torch.Tensor  # [N, K] float32, their probabilities (remainder = 1 - sum)
+    is_reply: torch.Tensor | None = None  # [N] bool: the position is in a chat reply (else in text)
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def save(self, path) -> None:
         torch.save({"layers": self.layers, "hidden": self.hidden, "top_ids": self.top_ids.int(),
-                    "top_probs": self.top_probs}, path)
+                    "top_probs": self.top_probs, "is_reply": self.is_reply}, path)
 
     @classmethod
     def load(cls, path) -> "StateCache":
         state = torch.load(path, weights_only=True)
-        return cls(state["layers"], state["hidden"], state["top_ids"].long(), state["top_probs"])
+        return cls(state["layers"], state["hidden"], state["top_ids"].long(), state["top_probs"], state.get("is_reply"))
 
 
 @torch.no_grad()
@@ -74,14 +75,15 @@ def collect_states(model, samples: list[Sample], layers: list[int], *, top_k: in
             probs = torch.softmax(logits[where].float(), dim=-1)  # [n, V]
             top_probs, top_ids = probs.topk(top_k, dim=-1)
             states = torch.stack([hidden[k][where] for k in layers], dim=1).half().cpu()  # [n, H, d]
-            parts.append(StateCache(layers, states, top_ids.cpu(), top_probs.cpu()))
+            is_reply = torch.tensor([samples[i].source == "reply" for i in group for _ in samples[i].counted])
+            parts.append(StateCache(layers, states, top_ids.cpu(), top_probs.cpu(), is_reply))
             if shard is not None:
                 shard.parent.mkdir(parents=True, exist_ok=True)
                 parts[-1].save(shard)
         if progress is not None:
             progress.update(sum(len(samples[i].counted) for i in group))
     return StateCache(layers, torch.cat([p.hidden for p in parts]), torch.cat([p.top_ids for p in parts]),
-                      torch.cat([p.top_probs for p in parts]))
+                      torch.cat([p.top_probs for p in parts]), torch.cat([p.is_reply for p in parts]))
 
 
 @dataclass
@@ -142,13 +144,19 @@ def head_loss(logits: torch.Tensor, target_pos: torch.Tensor, target_probs: torc
 
 
 def fit_heads(heads, lm_head_weight: torch.Tensor, cache: StateCache, config: FitConfig, progress=None) -> list[dict]:
-    """Train every head of the set on the cache (in place); returns the loss history (one entry per 10 steps)."""
+    """Train the heads of the set on the cache (in place): norm and adapter of every head before the last
+    layer (a head after it reads through the model's own final norm, and the mass estimators and gates
+    are fitted apart). Returns the loss history (one entry per 10 steps)."""
     device = lm_head_weight.device
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     listed_ids = shortlist(cache, config.max_shortlist)
-    columns = [cache.layers.index(k) for k in heads.layers]
-    params = [p for p in heads.parameters() if p.requires_grad and p is not None]
+    trained = [head for head in heads.heads.values() if head.layer < heads.num_layers]
+    columns = [cache.layers.index(head.layer) for head in trained]
+    params = [p for head in trained for name, p in head.named_parameters()
+              if p.requires_grad and not name.startswith(("mass.", "gate."))]
+    if not params:
+        return []
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / config.steps)))
@@ -166,7 +174,7 @@ def fit_heads(heads, lm_head_weight: torch.Tensor, cache: StateCache, config: Fi
         target_pos = position[cache.top_ids[rows]].to(device)
         target_probs = cache.top_probs[rows].to(device)
         losses = {}
-        for head, column in zip(heads.heads.values(), columns):
+        for head, column in zip(trained, columns):
             hidden = cache.hidden[rows, column].to(device).float()
             logits = rms_norm(head.adapted(hidden), head.norm_weight, head.eps) @ weight.T
             losses[head.layer] = head_loss(logits, target_pos, target_probs, config.loss_kind, config.entropy_weight)
@@ -191,7 +199,7 @@ def hard_negatives(heads, lm_head_weight, cache: StateCache, columns, generator,
     outside the final model's top-K, where the shortlist would never look)."""
     rows = torch.randint(len(cache), (num_rows,), generator=generator)
     found = []
-    for head, column in zip(heads.heads.values(), columns):
+    for head, column in zip([h for h in heads.heads.values() if h.layer < heads.num_layers], columns):
         hidden = cache.hidden[rows, column].to(lm_head_weight.device).float()
         found.append(head.logits(hidden, lm_head_weight).topk(top, dim=-1).indices.flatten().cpu())
     return torch.cat(found)

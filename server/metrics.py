@@ -68,8 +68,12 @@ class Metrics:
                                             "Time spent waiting before first scheduled, in seconds.", labels,
                                             buckets=REQUEST_LATENCY_BUCKETS, registry=r).labels(model_name)
 
-        self.exit_tokens = Counter("offramp_exit_tokens", "Generated tokens by the layer they left at (L = full depth).",
+        self.exit_tokens = Counter("offramp_exit_tokens", "Generated tokens by the layer they left at (L = they ran "
+                                   "every layer; some of them skipped the LM head, see offramp_lm_head_skipped_tokens).",
                                    labels + ["exit_layer"], registry=r)
+        self.lm_head_skipped = Counter("offramp_lm_head_skipped_tokens", "Generated tokens answered by an exit head "
+                                       "(at any layer, the head after the last one included): the full LM head never "
+                                       "ran for them.", labels, registry=r).labels(model_name)
         self.decode_flops = Counter("offramp_decode_flops", "FLOPs spent on generated tokens (exit heads and KV fill "
                                     "included).", labels, registry=r).labels(model_name)
         self.decode_flops_full_depth = Counter("offramp_decode_flops_full_depth", "FLOPs the same tokens would have "
@@ -96,6 +100,7 @@ class Metrics:
         self.generation_tokens.inc(stats.num_generation_tokens)
         for layer, count in collections.Counter(stats.exit_layers).items():
             self.exit_tokens.labels(self.model_name, str(layer)).inc(count)
+        self.lm_head_skipped.inc(stats.num_lm_head_skipped)
         for layer, margin in stats.exit_margins:
             self.exit_margin.labels(self.model_name, str(layer)).observe(margin)
         self.decode_flops.inc(stats.decode_flops)

@@ -95,3 +95,39 @@ def write_tiny_heads(directory, model, fingerprint: str, name: str = "tiny",
                           default_epsilon=max(thresholds), synthetic=True)
     heads.save(directory)
     return Path(directory)
+
+
+SHORTLIST_LAYERS = (4, 6)  # an intermediate shortlist head and one after the last of the 6 layers
+
+
+def write_tiny_shortlist_heads(directory, model, fingerprint: str, name: str = "tiny", listed: int = 200,
+                               components: int = 48, thresholds: dict[float, dict[int, float]] | None = None,
+                               seed: int = 2) -> Path:
+    """Shortlist heads at SHORTLIST_LAYERS: `listed` random token ids (EOS among them), a mass estimator
+    made of `components` random unlisted LM-head rows with the bias that scales their sum to all
+    unlisted tokens (a plausible estimate that is sometimes high, sometimes low), synthetic thresholds:
+    at eps 0.9 both heads on, at eps 0.99 (default) only the last-layer head."""
+    torch.manual_seed(seed)
+    config = model.config
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    ids = torch.randperm(config.vocab_size)
+    ids = torch.cat([torch.tensor([eos]), ids[ids != eos][:listed - 1]])
+    heads = ExitHeadSet.create(model, list(SHORTLIST_LAYERS), AdapterSpec("linear", 8),
+                               {"name": name, "fingerprint": fingerprint}, shortlist=ids, mass_components=components,
+                               shortlist_meta={"built_from": "random (test)"})
+    unlisted = torch.ones(config.vocab_size, dtype=torch.bool)
+    unlisted[ids] = False
+    rows = model.lm_head.weight.detach()[unlisted]
+    pick = torch.randperm(len(rows))[:components]
+    with torch.no_grad():
+        for head in heads.heads.values():
+            head.mass.proj.weight.copy_(rows[pick])
+            head.mass.proj.bias.fill_(math.log(len(rows) / components))
+            if head.adapter is not None:
+                for p in head.adapter.parameters():
+                    p.normal_(0.0, 0.05)
+    thresholds = thresholds or {0.9: {4: 0.2, 6: 0.0}, 0.99: {4: math.inf, 6: 0.3}}
+    heads.set_calibration("margin", {eps: {"thresholds": t} for eps, t in thresholds.items()},
+                          default_epsilon=max(thresholds), synthetic=True)
+    heads.save(directory)
+    return Path(directory)

@@ -1,5 +1,9 @@
-"""Back-pressure: how many engine requests may wait for their first token before new ones get 429."""
-from server.api.errors import APIError
+"""Back-pressure: how many engine requests may wait for their first token before new ones get 429.
+
+429 means "retry later and it will pass", so a request that could never fit (more prompts than
+may wait at all) gets 400 instead.
+"""
+from server.api.errors import APIError, bad_request
 
 
 class Admission:
@@ -12,6 +16,9 @@ class Admission:
         self.num_waiting = 0
 
     def check(self, count: int) -> None:
+        if self.max_waiting is not None and count > self.max_waiting:
+            raise bad_request(f"the request has {count} prompts, and at most {self.max_waiting} may wait at once "
+                              "(--max-waiting): split it", "prompt")
         if self.max_waiting is not None and self.num_waiting + count > self.max_waiting:
             raise APIError(429, f"the server is busy ({self.num_waiting} requests waiting); retry shortly",
                            code="queue_full", headers={"Retry-After": "1"})

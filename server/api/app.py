@@ -3,8 +3,11 @@ logic lives here; the serving classes do the translating and the engine does the
 
 The app exists before the engine: while the model loads every /v1 route and /health answer 503,
 so the port is open (and the Docker HEALTHCHECK meaningful) from the first second.
+
+Every refusal is a 4xx in OpenAI's error shape; a 500 means a fault of the server, logged with an id
+that its message repeats.
 """
-import json
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, FastAPI, Request
@@ -13,13 +16,15 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.admission import Admission
-from server.api.engine_client import scheduler_state
-from server.api.errors import APIError, bad_request
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.api.serving import ModelInfo
+from server.api.engine_client import ModelInfo, scheduler_state
+from server.api.errors import APIError, validation_error
+from server.api.limits import RequestLimits, read_json
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, random_id
 from server.api.serving_chat import OpenAIServingChat
 from server.api.serving_completion import OpenAIServingCompletion
 from server.metrics import CONTENT_TYPE, Metrics
+
+log = logging.getLogger(__name__)
 
 
 def offramp_version() -> str:
@@ -32,9 +37,11 @@ def offramp_version() -> str:
 class ServerState:
     """What the routes reach: None-valued until the engine is ready."""
 
-    def __init__(self, api_key: str | None = None, max_waiting: int | None = None):
+    def __init__(self, api_key: str | None = None, max_waiting: int | None = None,
+                 limits: RequestLimits | None = None):
         self.api_key = api_key
         self.admission = Admission(max_waiting)
+        self.limits = limits or RequestLimits()
         self.engine = None
         self.info: ModelInfo | None = None
         self.metrics: Metrics | None = None
@@ -44,8 +51,8 @@ class ServerState:
     def set_engine(self, engine, info: ModelInfo, metrics: Metrics | None) -> None:
         self.info = info
         self.metrics = metrics
-        self.completion = OpenAIServingCompletion(engine, info, self.admission)
-        self.chat = OpenAIServingChat(engine, info, self.admission)
+        self.completion = OpenAIServingCompletion(engine, info, self.admission, self.limits)
+        self.chat = OpenAIServingChat(engine, info, self.admission, self.limits)
         self.engine = engine
 
     def health_problem(self) -> str | None:
@@ -64,22 +71,12 @@ class ServerState:
             raise APIError(503, problem, code="unavailable")
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise bad_request(f"Content-Type must be application/json, not {content_type or 'missing'!r}")
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise bad_request(f"malformed JSON body: {err}") from None
-    if not isinstance(data, dict):
-        raise bad_request("the JSON body must be an object")
+async def parse_body(request: Request, model: type[BaseModel], limits: RequestLimits):
+    data = await read_json(request, limits)
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None
-        raise bad_request(f"{param}: {first['msg']}" if param else first["msg"], param) from None
+        raise validation_error(err) from None
 
 
 def respond(result) -> Response:
@@ -100,6 +97,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def http_error(_, err: StarletteHTTPException):
         return APIError(err.status_code, str(err.detail)).response()
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        # Starlette re-raises after this answers, and uvicorn logs the traceback next to this line
+        error_id = random_id("error")
+        log.error("%s: internal error in %s %s: %r", error_id, request.method, request.url.path, err)
+        return APIError(500, f"internal error ({type(err).__name__}); error id {error_id}",
+                        code="internal_error").response()
+
     def check_api_key(request: Request) -> None:
         if state.api_key is None:
             return
@@ -113,14 +118,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         check_api_key(request)
         state.ready()
-        body = await parse_body(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest, state.limits)
         return respond(await state.completion.create_completion(body, request))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         check_api_key(request)
         state.ready()
-        body = await parse_body(request, ChatCompletionRequest)
+        body = await parse_body(request, ChatCompletionRequest, state.limits)
         return respond(await state.chat.create_chat_completion(body, request))
 
     @v1.get("/models")

@@ -7,11 +7,32 @@ the JSON when unset.
 """
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-TokenIds = list[int]
+# A list in a request stops at its first bad element: a million wrong elements must not cost a
+# million error objects (pydantic validates holding the GIL, so the event loop would wait).
+FAIL_FAST = Field(fail_fast=True)
+TokenIds = Annotated[list[int], FAIL_FAST]
+Texts = Annotated[list[str], FAIL_FAST]
+
+
+def prompt_form(prompt) -> str | None:
+    """Which form of prompt the client sent, judged by its first element, so that pydantic checks that
+    form alone instead of trying each one on the whole list."""
+    if isinstance(prompt, str):
+        return "str"
+    if not isinstance(prompt, list):
+        return None
+    return {str: "list[str]", list: "list[list[int]]"}.get(type(prompt[0]), "list[int]") if prompt else "list[int]"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("str")] | Annotated[Texts, Tag("list[str]")] | Annotated[TokenIds, Tag("list[int]")]
+    | Annotated[list[TokenIds], FAIL_FAST, Tag("list[list[int]]")],
+    Discriminator(prompt_form, custom_error_type="prompt_type",
+                  custom_error_message="must be a string, a list of strings, token ids or lists of token ids")]
 
 
 def _absent(value) -> bool:
@@ -45,8 +66,8 @@ class SamplingFields(BaseModel):
     top_k: int | None = None
     seed: int | None = None
     n: int = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: str | Texts | None = None
+    stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stream: bool = False
@@ -61,10 +82,11 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Prompt
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # with logprobs, the prompt's tokens get logprobs too; with max_tokens 0, only they
+    prompt_logprobs: int | None = None  # vLLM's: per prompt token its logprob and this many alternatives
 
 
 class ContentPart(BaseModel):
@@ -76,12 +98,12 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], FAIL_FAST] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -89,7 +111,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class ExitUsage(BaseModel):
-    tokens_exited_early: int
+    tokens_exited_early: int  # left before the last layer
+    tokens_skipped_lm_head: int = 0  # answered by an exit head, the one after the last layer included
     mean_layers: float  # mean depth of the generated tokens, in decoder layers
     compute_saved: float  # 1 - decode FLOPs spent / at full depth, exit heads and KV fill included
 
@@ -108,6 +131,13 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one entry of a prompt token's alternatives."""
+    logprob: float
+    rank: int | None = None  # 1 = most likely
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -116,6 +146,8 @@ class CompletionChoice(BaseModel):
     stop_reason: str | int | None = None
     exit_layers: list[int] | None = omit_if_none()
     token_ids: list[int] | None = omit_if_none()
+    # per prompt token (None first): {token id: its entry} for the token and its top alternatives
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = omit_if_none()
 
 
 class CompletionResponse(BaseModel):

@@ -23,19 +23,27 @@ def register(subparsers):
     p.add_argument("--tune", default=None,
                    help="folder written by 'offramp tune': serve the model with its delta merged (and, with "
                         "--heads auto, its heads)")
-    p.add_argument("--gate-per-row", action="store_true",
-                   help="ask a gated exit head for each row whose gate passes, not only when the whole batch's "
-                        "gates pass (saves FLOPs; at small batches it costs time)")
+    p.add_argument("--gate-whole-batch", action="store_true",
+                   help="ask a gated exit head only when every decode row's gate passes (a request's exits then "
+                        "depend on the batch; default: each row whose gate passes asks, batch-invariant)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens computed in one step (default 1024, at least --max-num-seqs); bounds how long a "
+                        "step, and so an abort or a new request's first token, can wait")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + generated tokens per sequence")
     p.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GiB (default: 1 GiB on CPU, "
                    "90%% of free GPU memory on CUDA)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests allowed to wait for their first token; more get 429")
+    p.add_argument("--max-body-size", default=None, help="largest request body (default 32MiB); larger gets 413")
+    p.add_argument("--max-prompts-per-request", type=int, default=None,
+                   help="prompts in one /v1/completions request (default 256); more get 400")
+    p.add_argument("--max-request-tokens", type=int, default=None,
+                   help="prompt + max_tokens over all sequences of one request (default 1048576); more get 400")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -48,7 +56,7 @@ def engine_config(args):
     from server.engine.config import EngineConfig, parse_memory
 
     heads = None if args.heads.lower() == "none" else args.heads
-    kwargs = dict(model=args.model, heads=heads, tune=args.tune, gate_whole_batch=not args.gate_per_row,
+    kwargs = dict(model=args.model, heads=heads, tune=args.tune, gate_whole_batch=args.gate_whole_batch,
                   device=args.device, dtype=args.dtype,
                   max_model_len=args.max_model_len,
                   kv_cache_memory=parse_memory(args.kv_cache_memory) if args.kv_cache_memory else None)
@@ -56,7 +64,18 @@ def engine_config(args):
         kwargs["max_num_seqs"] = args.max_num_seqs
         # every running sequence decodes each step, so the token budget grows with it
         kwargs["max_num_batched_tokens"] = max(EngineConfig.max_num_batched_tokens, args.max_num_seqs)
+    if args.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     return EngineConfig(**kwargs)
+
+
+def request_limits(args):
+    from server.api.limits import RequestLimits
+    from server.engine.config import parse_memory
+
+    given = dict(max_body_bytes=parse_memory(args.max_body_size) if args.max_body_size else None,
+                 max_prompts=args.max_prompts_per_request, max_request_tokens=args.max_request_tokens)
+    return RequestLimits(**{name: value for name, value in given.items() if value is not None})
 
 
 def run_serve(args) -> int:
@@ -67,10 +86,10 @@ def run_serve(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port} is not a port number")
-    if args.max_waiting < 0:
-        raise ValueError("--max-waiting must be non-negative")
+    if args.max_waiting < 1:
+        raise ValueError("--max-waiting must be at least 1")
     config = engine_config(args)  # fails fast, before the port is bound, on a bad flag
-    state = ServerState(api_key=args.api_key, max_waiting=args.max_waiting)
+    state = ServerState(api_key=args.api_key, max_waiting=args.max_waiting, limits=request_limits(args))
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_config=None,
                                            log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout))
     failures: list[BaseException] = []

@@ -1,18 +1,22 @@
-"""What both OpenAI endpoints share: the served model's facts, request checks, the translation
-into SamplingParams, running prompts through the engine, usage, and aborting on disconnect.
+"""What both OpenAI endpoints share: request checks, the translation into SamplingParams,
+tokenizing off the event loop, usage, stream pieces and error translation. Running prompts through
+the engine (admission, aborts on disconnect) is EngineClient's, in engine_client.py.
 
-The engine is reached only through `generate`, `abort_request` and the facts in `ModelInfo`, so
-the routes never know whether it runs on a thread of this process or somewhere else.
+Nothing slow runs on the event loop: chat templates render and texts tokenize on worker threads,
+and a text that cannot fit max_model_len is refused by its size before it is tokenized.
 """
 import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server.api.admission import Admission
+from server.api.engine_client import EngineClient, ModelInfo
 from server.api.errors import APIError, bad_request
+from server.api.limits import RequestLimits
 from server.api.protocol import ExitUsage, SamplingFields, Usage
+from server.engine.async_engine import EngineStopped
 from server.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams, SamplingParamsError
 from server.engine.sequence import PromptError, check_prompt
@@ -21,19 +25,6 @@ from server.model.exit_heads import match_epsilon
 log = logging.getLogger(__name__)
 
 STREAM_DONE = "data: [DONE]\n\n"
-
-
-@dataclass
-class ModelInfo:
-    """The facts about the served model that the HTTP layer needs."""
-    name: str  # the served model name, checked against each request's `model`
-    tokenizer: object  # server.model.tokenizer.Tokenizer
-    vocab_size: int
-    num_hidden_layers: int
-    max_model_len: int
-    exit_layers: list[int] = field(default_factory=list)
-    epsilons: list[float] = field(default_factory=list)  # calibrated exit_epsilon values
-    default_epsilon: float | None = None
 
 
 @dataclass
@@ -75,17 +66,48 @@ def sse(payload) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-class OpenAIServing:
-    def __init__(self, engine, info: ModelInfo, admission: Admission | None = None):
-        self.engine = engine
+class OpenAIServing(EngineClient):
+    def __init__(self, engine, info: ModelInfo, admission: Admission | None = None,
+                 limits: RequestLimits | None = None):
+        super().__init__(engine, admission)
         self.info = info
         self.tokenizer = info.tokenizer
-        self.admission = admission or Admission()
+        self.limits = limits or RequestLimits()
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.info.name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.info.name}`.",
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise APIError(404, f"The model `{shown}` does not exist; this server serves `{self.info.name}`.",
                            param="model", code="model_not_found")
+
+    def check_num_prompts(self, num_prompts: int) -> None:
+        if num_prompts > self.limits.max_prompts:
+            raise bad_request(f"the request has {num_prompts} prompts; at most {self.limits.max_prompts} per "
+                              "request (--max-prompts-per-request)", "prompt")
+
+    def check_text_length(self, text: str, param: str) -> None:
+        """Refuse, without tokenizing it, a text too long for max_model_len however it tokenizes."""
+        limit = self.info.max_prompt_bytes
+        if limit is None:
+            return
+        # UTF-8 takes a byte or more per character: a text with too many characters is not even encoded
+        size = len(text) if len(text) > limit else len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            num_tokens = -(-size // self.info.max_token_bytes)
+            raise bad_request(f"{param} has at least {size} bytes, so at least {num_tokens} tokens, and max_model_len "
+                              f"is {self.info.max_model_len}", param)
+
+    async def encode(self, texts: list[str], param: str, add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of each text, on a worker thread: the backend's encode_batch releases the GIL, so the
+        event loop keeps answering while a long text tokenizes."""
+        for text in texts:
+            self.check_text_length(text, param)
+        try:
+            encodings = await asyncio.to_thread(self.tokenizer.backend.encode_batch, texts,
+                                                add_special_tokens=add_special_tokens)
+        except Exception as err:  # the tokenizer refused this input (it handles every valid string)
+            raise bad_request(f"{param} cannot be tokenized: {err}", param) from None
+        return [encoding.ids for encoding in encodings]
 
     def check_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
         """The engine's own prompt check (sequence.check_prompt), as a 400 naming `param`."""
@@ -106,9 +128,8 @@ class OpenAIServing:
         if max_tokens is not None and max_tokens > room:
             raise bad_request(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
                               f"({self.info.max_model_len})", "max_tokens")
-        bad = next((t for t in request.stop_token_ids or [] if not 0 <= t < self.info.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"stop token id {bad} is out of vocabulary", "stop_token_ids")
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        self.check_stop(stop, request.stop_token_ids or [])
         self.check_epsilon(request.exit_epsilon)
         top_k = request.top_k if request.top_k is not None else 0
         try:
@@ -118,7 +139,7 @@ class OpenAIServing:
                 top_p=1.0 if request.top_p is None else request.top_p,
                 top_k=min(top_k, self.info.vocab_size),
                 seed=request.seed,
-                stop=[request.stop] if isinstance(request.stop, str) else list(request.stop or []),
+                stop=stop,
                 stop_token_ids=list(request.stop_token_ids or []),
                 ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens,
@@ -130,6 +151,30 @@ class OpenAIServing:
         except SamplingParamsError as err:
             raise bad_request(str(err), err.param) from None
 
+    def check_stop(self, stop: list[str], stop_token_ids: list[int]) -> None:
+        """Stops are matched after every token of the request, so their number and length are bounded."""
+        limits = self.limits
+        if len(stop) > limits.max_stop:
+            raise bad_request(f"stop has {len(stop)} strings; at most {limits.max_stop}", "stop")
+        if any(len(s) > limits.max_stop_chars for s in stop):
+            raise bad_request(f"a stop string has more than {limits.max_stop_chars} characters", "stop")
+        if len(stop_token_ids) > limits.max_stop_token_ids:
+            raise bad_request(f"stop_token_ids has {len(stop_token_ids)} entries; at most "
+                              f"{limits.max_stop_token_ids}", "stop_token_ids")
+        bad = next((t for t in stop_token_ids if not 0 <= t < self.info.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"stop token id {bad} is out of vocabulary", "stop_token_ids")
+
+    def check_admissible(self, prompt_lens: list[int], params: list[SamplingParams]) -> None:
+        """400 for a request larger than any the server takes, 429 (Retry-After) while too many wait."""
+        num_tokens = sum((n + p.max_tokens) * p.n for n, p in zip(prompt_lens, params))
+        if num_tokens > self.limits.max_request_tokens:
+            num_seqs = sum(p.n for p in params)
+            raise bad_request(f"the request needs {num_tokens} tokens (prompt + max_tokens over its {num_seqs} "
+                              f"sequences); at most {self.limits.max_request_tokens} per request "
+                              "(--max-request-tokens)", "max_tokens")
+        self.admission.check(len(prompt_lens))
+
     def check_epsilon(self, eps: float | None) -> None:
         if eps is None:
             return
@@ -139,78 +184,14 @@ class OpenAIServing:
             available = ", ".join(f"{e:g}" for e in self.info.epsilons)
             raise bad_request(f"exit_epsilon {eps:g} is not calibrated; available: {available}", "exit_epsilon")
 
-    async def generate(self, prompts: list[list[int]], params: list[SamplingParams],
-                       request_ids: list[str]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run every prompt concurrently; yield (prompt index, cumulative output) as they come."""
-        ticket = self.admission.admit(len(prompts))
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int):
-            try:
-                async for output in self.engine.generate(prompts[i], params[i], request_ids[i]):
-                    ticket.release(i)
-                    queue.put_nowait((i, output))
-                queue.put_nowait((i, None))
-            except ValueError as err:  # the engine refused the request
-                queue.put_nowait((i, bad_request(str(err))))
-            except Exception as err:
-                queue.put_nowait((i, err))
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
-        unfinished = set(range(len(prompts)))
-        try:
-            while unfinished:
-                i, item = await queue.get()
-                if item is None:
-                    unfinished.discard(i)
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield i, item
-        finally:  # on error, cancellation or a consumer that stopped reading: free the engine's KV now
-            ticket.release_all()
-            self.abort([request_ids[i] for i in unfinished])
-            for task in tasks:
-                task.cancel()
-
-    def abort(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self.engine.abort_request(request_id)
-
-    @contextlib.asynccontextmanager
-    async def run(self, prompts: list[list[int]], params: list[SamplingParams], request_ids: list[str],
-                  raw_request):
-        """`generate` as a block: a client that hangs up, an error, or leaving the block early aborts
-        whatever is unfinished, at once."""
-        async with self.abort_on_disconnect(raw_request, request_ids), \
-                contextlib.aclosing(self.generate(prompts, params, request_ids)) as outputs:
-            yield outputs
-
-    @contextlib.asynccontextmanager
-    async def abort_on_disconnect(self, raw_request, request_ids: list[str]):
-        """While inside, a client that hangs up aborts its engine requests at once (frees their KV)."""
-        if raw_request is None:
-            yield
-            return
-
-        async def watch():
-            while (await raw_request.receive())["type"] != "http.disconnect":
-                pass
-            log.info("%s: client disconnected, aborting", request_ids[0])
-            self.abort(request_ids)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            yield
-        finally:
-            watcher.cancel()
-
     def internal_error(self, err: Exception, request_id: str) -> APIError:
         """An engine or server error as an APIError; unexpected ones are logged with the request id."""
         if isinstance(err, APIError):
             return err
         if isinstance(err, SamplingParamsError):
             return bad_request(str(err), err.param)
+        if isinstance(err, EngineStopped):  # cut off by a shutdown: no fault, and a retry elsewhere may pass
+            return APIError(503, f"{err}; request id {request_id}", code="unavailable")
         log.error("%s: internal error: %s", request_id, err, exc_info=err)
         return APIError(500, f"internal error ({type(err).__name__}: {err}); request id {request_id}",
                         code="internal_error")
@@ -222,6 +203,7 @@ class OpenAIServing:
         flops = sum(out.decode_flops for out in outputs)
         full = sum(out.decode_flops_full_depth for out in outputs)
         exit_usage = ExitUsage(tokens_exited_early=sum(out.num_tokens_exited_early for out in outputs),
+                               tokens_skipped_lm_head=sum(out.num_tokens_lm_head_skipped for out in outputs),
                                mean_layers=sum(layers) / len(layers) if layers else 0.0,
                                compute_saved=1.0 - flops / full if full > 0 else 0.0)
         return Usage(prompt_tokens=sum(prompt_lens), completion_tokens=num_generated,

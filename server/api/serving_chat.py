@@ -1,4 +1,5 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template, chat.completion out."""
+import asyncio
 from collections.abc import AsyncIterator
 
 from server.api.errors import bad_request
@@ -22,7 +23,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def complete(self, request: ChatCompletionRequest, raw_request, request_id: str):
         self.check_model(request.model)
-        prompt = self.check_prompt(self.render(request), param="messages")
+        prompt = self.check_prompt(await self.render(request), param="messages")
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", "top_logprobs")
         if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_LOGPROBS:
@@ -30,7 +31,7 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = self.sampling_params(request, len(prompt), max_tokens, logprobs)
-        self.admission.check(1)
+        self.check_admissible([len(prompt)], [params])
         if request.stream:
             events = self.stream(request, prompt, params, request_id, raw_request)
             return stream_with_errors(events, lambda err: self.internal_error(err, request_id))
@@ -71,7 +72,9 @@ class OpenAIServingChat(OpenAIServing):
         if request.stream_options and request.stream_options.include_usage:
             yield chunk([], self.usage([len(prompt)], [final] if final else []))
 
-    def render(self, request: ChatCompletionRequest) -> list[int]:
+    async def render(self, request: ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids; the template renders on a worker thread (jinja is Python, so the event
+        loop keeps its turns), then the text tokenizes off the loop too."""
         messages = []
         for message in request.messages:
             content = message.content
@@ -80,10 +83,10 @@ class OpenAIServingChat(OpenAIServing):
             messages.append({"role": message.role, "content": content or ""}
                             | ({"name": message.name} if message.name else {}))
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
         except Exception as err:  # jinja2's TemplateError, or a model without a template (ValueError)
             raise bad_request(f"cannot apply the chat template: {err}", "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return (await self.encode([text], "messages", add_special_tokens=False))[0]
 
     def logprobs(self, entries: list[TokenLogprob] | None, num_top: int) -> ChatLogprobs:
         content = []

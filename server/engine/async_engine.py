@@ -3,8 +3,9 @@
 Callers put requests and aborts into a thread-safe inbox; the loop thread drains it between steps,
 runs `LLMEngine.step()`, and hands each RequestOutput to the asyncio queue of its request on the
 caller's own event loop (`loop.call_soon_threadsafe`). The engine itself is touched only by the
-loop thread. If a step raises, the engine is marked errored, every open stream gets the error, and
-check_health() raises from then on.
+loop thread. An abort takes effect before the next step, wherever the request is: in the inbox,
+waiting, prefilling or decoding. If a step raises, the engine is marked errored, every open stream
+gets the error, and check_health() raises from then on; a stream opened from then on fails at once.
 """
 import asyncio
 import logging
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped after an error; the server should report unhealthy and restart."""
+
+
+class EngineStopped(EngineDeadError):
+    """The engine was shut down while the request was still running."""
 
 
 class AsyncLLMEngine:
@@ -97,10 +102,10 @@ class AsyncLLMEngine:
         """Cumulative outputs of one request until it finishes. Raises ValueError for a request the
         engine cannot take (empty or too long prompt, uncalibrated exit_epsilon, duplicate id).
         Leaving the iteration early (a client gone) aborts the request."""
-        self.check_health()
         self.engine.validate(prompt_token_ids, params)  # pure checks: safe from any thread
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
+        with self._lock:  # under the lock that _fail takes: either this sees the error or _fail sees this stream
+            self.check_health()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
@@ -110,7 +115,7 @@ class AsyncLLMEngine:
         try:
             while not finished:
                 item = await queue.get()
-                if isinstance(item, ValueError):
+                if isinstance(item, (ValueError, EngineStopped)):
                     raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine loop stopped: {item!r}") from item
@@ -134,6 +139,7 @@ class AsyncLLMEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._fail(EngineStopped("the engine was shut down"), errored=False)  # nobody waits forever
 
     def _run(self) -> None:
         engine = self.engine
@@ -178,9 +184,10 @@ class AsyncLLMEngine:
             except RuntimeError:  # the caller's event loop is closed; nobody is listening
                 pass
 
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
+    def _fail(self, error: BaseException, errored: bool = True) -> None:
         with self._lock:
+            if errored:
+                self._error = error
             streams, self._streams = list(self._streams.values()), {}
         for loop, queue in streams:
             try:

@@ -35,11 +35,11 @@ class EngineConfig:
     """Share of the GPU memory left free after loading that the KV pool may take (CUDA only)."""
     block_size: int = 16
     """Tokens per KV block."""
-    gate_whole_batch: bool = True
+    gate_whole_batch: bool = False
     """With a gated plan, ask a head in a step only when every decode row reaching it passes its gate.
-    At a few rows a head costs the reading of the LM head whatever the row count, and the layers an
-    exited row skips still run for the rows that stay, so asking for part of the batch costs time
-    and saves none (BENCHMARKS.md, serving benchmark). False: per row, which saves FLOPs."""
+    For full-vocabulary heads at a few rows a head costs the reading of the LM head whatever the row
+    count, so asking for part of the batch costs time and saves none (BENCHMARKS.md); but a request's
+    exits then depend on what else is in the batch. False (the default): each row decides alone."""
     seed: int = 0
     """Seeds torch's generator, from which requests without a seed draw theirs."""
 

@@ -1,9 +1,9 @@
 """One forward step with per-token early exit.
 
 Rows of the step are tokens: [0, D) decode rows (one per decoding sequence; D = num_decode_rows),
-[D, N) prefill rows
-(prompt chunks, or the tokens of a preempted sequence being recomputed). The layers run in
-segments that end at the exit layers of the head set.
+[D, N) prefill rows (prompt chunks, or the tokens of a preempted sequence being recomputed). The
+layers run in segments that end at the exit layers of the head set; a head at layer L (after the
+last layer) decides before the LM head does.
 
 Invariants, at every point of `forward`:
   live        original row ids of the rows still running, ascending (so decode rows come first);
@@ -20,9 +20,12 @@ gate cut; a cut of -inf means no gate) ask the exit kernel (rows with
 early_exit off carry +inf everywhere and are never asked); rows whose decision says exit leave
 with the kernel's token (a token that min_tokens forbids keeps the row going). Prefill rows whose
 recorded depth is k leave too: a recomputed token goes exactly as deep as it went the first time,
-so recomputing a preempted sequence reproduces its cache. After the last layer the live decode
-rows, and the prefill rows that yield a first token, take the final norm and LM head; their
-logits go to the sampler.
+so recomputing a preempted sequence reproduces its cache. At a head after the last layer only
+decode rows are asked, and a row that exits there has nothing deeper to fill: it skips just the
+full LM head. After the last layer the live decode rows, and the prefill rows that yield a first
+token, take the final norm and LM head, only those rows; their logits go to the sampler. Rows
+marked `needs_hidden` (prompt rows whose logprobs are wanted: full depth, so always live at the
+end) hand back their last-layer hidden state.
 """
 from dataclasses import dataclass, field
 
@@ -45,27 +48,30 @@ class StepPlan:
     prefill_depths: torch.Tensor  # [P] int64: how deep each prefill row runs (L for prompt tokens)
     needs_logits: torch.Tensor  # [N] bool: rows whose final logits are wanted if they reach the end
     gate_whole_batch: bool = False  # a gated head is asked only if every live decode row is asked and passes
+    needs_hidden: torch.Tensor | None = None  # [N] bool: full-depth rows whose last hidden state is wanted
 
 
 @dataclass
 class ExitResult:
-    exit_layers: torch.Tensor  # [D] int64: layer each decode row left at (L = full depth)
-    heads_evaluated: torch.Tensor  # [D] int64: exit-head evaluations per decode row
-    gates_evaluated: torch.Tensor  # [D] int64: gate probes run per decode row
-    head_token: torch.Tensor  # [D] int64: the token chosen at the exit head (-1 for rows that reached the end)
+    exit_layers: torch.Tensor  # [D] int64: layer each decode row left at (L = it ran every layer)
+    heads_evaluated: torch.Tensor  # [D, E] bool: head e (layer order) was evaluated for the row
+    gates_evaluated: torch.Tensor  # [D, E] bool: head e's gate probe ran for the row
+    head_token: torch.Tensor  # [D] int64: the token chosen at an exit head (-1 for rows that ran the LM head)
     head_logprob: torch.Tensor  # [D] f32
-    final_rows: torch.Tensor  # [R] int64: original rows whose logits follow
+    final_rows: torch.Tensor  # [R] int64: original rows whose logits follow: the only rows that ran the LM head
     final_logits: torch.Tensor  # [R, V]
     head_top: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # row -> top logprobs
     margins: list[tuple[int, float]] = field(default_factory=list)  # (layer, margin) per head evaluation
+    final_hidden: torch.Tensor | None = None  # [H, d] the needs_hidden rows after the last layer, in row order
 
     @classmethod
-    def start(cls, num_decode_rows: int, num_layers: int, no_logits: torch.Tensor) -> "ExitResult":
+    def start(cls, num_decode_rows: int, num_heads: int, num_layers: int, no_logits: torch.Tensor) -> "ExitResult":
         """Before any exit: every decode row at full depth, nothing evaluated; no_logits [0, V]."""
-        zeros = lambda: torch.zeros(num_decode_rows, dtype=torch.long)
-        return cls(exit_layers=torch.full((num_decode_rows,), num_layers), heads_evaluated=zeros(),
-                   gates_evaluated=zeros(), head_token=torch.full((num_decode_rows,), -1),
-                   head_logprob=torch.zeros(num_decode_rows), final_rows=zeros()[:0], final_logits=no_logits)
+        none = lambda: torch.zeros(num_decode_rows, num_heads, dtype=torch.bool)
+        return cls(exit_layers=torch.full((num_decode_rows,), num_layers), heads_evaluated=none(),
+                   gates_evaluated=none(), head_token=torch.full((num_decode_rows,), -1),
+                   head_logprob=torch.zeros(num_decode_rows), final_rows=torch.zeros(0, dtype=torch.long),
+                   final_logits=no_logits)
 
 
 @dataclass
@@ -87,13 +93,16 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
     live, num_decode = torch.arange(num_rows), num_decode_rows  # on the CPU: they drive Python decisions
     policy_state = policy.init_state(hidden[:num_decode]) if policy is not None else None  # rows = live decode rows
     left = LeftRows(hidden[:0], positions[:0], store.meta.slots[:0])
-    result = ExitResult.start(num_decode_rows, num_layers, hidden.new_zeros(0, model.config.vocab_size))
+    head_layers = heads.layers if heads is not None else []
+    result = ExitResult.start(num_decode_rows, len(head_layers), num_layers,
+                              hidden.new_zeros(0, model.config.vocab_size))
     done = 0
-    for head_index, layer in enumerate([*(heads.layers if heads is not None else []), num_layers]):
+    for layer in sorted({*head_layers, num_layers}):
         hidden = _run_segment(model, hidden, positions, store, done, layer, left)
         done = layer
-        if layer == num_layers or not len(live):
+        if layer not in head_layers or not len(live):
             continue
+        head_index = head_layers.index(layer)
         leave = torch.zeros(len(live), dtype=torch.bool)
         decode_rows = live[:num_decode]
         asked = decode_rows[torch.isfinite(plan.thresholds[decode_rows, head_index])]
@@ -101,11 +110,14 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
         if len(asked):
             leave[:num_decode] = _ask_head(model, heads.head(layer), hidden[:num_decode], decode_rows, asked,
                                            head_index, plan, result, policy, policy_state)
-        leave[num_decode:] = plan.prefill_depths[live[num_decode:] - num_decode_rows] == layer
+        if layer < num_layers:  # at the end every prefill row stays: it may want logits or its hidden state
+            leave[num_decode:] = plan.prefill_depths[live[num_decode:] - num_decode_rows] == layer
         if leave.any():
             gone, keep = leave.to(device), (~leave).to(device)
-            left = left.add(hidden[gone], positions[gone], store.meta.slots[gone])
-            hidden, positions, store = hidden[keep], positions[keep], store.select(keep)
+            if layer < num_layers:  # after the last layer there is no deeper K/V to fill
+                left = left.add(hidden[gone], positions[gone], store.meta.slots[gone])
+                store = store.select(keep)
+            hidden, positions = hidden[keep], positions[keep]
             if policy_state is not None:
                 policy_state = policy_state.select(keep[:num_decode])
             live, num_decode = live[~leave], int((~leave[:num_decode]).sum())
@@ -113,6 +125,8 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
     result.final_rows = live[wanted]
     if len(result.final_rows):
         result.final_logits = model.final_logits(hidden[wanted.to(device)])
+    if plan.needs_hidden is not None:
+        result.final_hidden = hidden[plan.needs_hidden[live].to(device)]
     return result
 
 
@@ -150,7 +164,7 @@ def _pass_gate(head, hidden, rows, asked, head_index, plan, result) -> torch.Ten
         return asked
     position = torch.searchsorted(rows, asked[gated]).to(hidden.device)
     score = head.gate_score(hidden[position]).cpu()
-    result.gates_evaluated[asked[gated]] += 1
+    result.gates_evaluated[asked[gated], head_index] = True
     keep = ~gated
     keep[gated] = score >= cuts[gated]
     if plan.gate_whole_batch and not (bool(keep.all()) and len(asked) == len(rows)):
@@ -161,15 +175,18 @@ def _pass_gate(head, hidden, rows, asked, head_index, plan, result) -> torch.Ten
 def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy, policy_state) -> torch.Tensor:
     """Exit decision at one head for the live decode rows `rows` (original ids; hidden [len(rows), d]),
     evaluated on the `asked` subset. Records tokens and statistics; returns the leave mask [len(rows)].
-    The margin policy is the kernel's own exit flag; another policy scores the kernel's decision."""
+    The margin policy is the kernel's own exit flag; another policy scores the kernel's decision. A
+    shortlist head reads its own [K, d] rows and estimates the rest; its "other" (token -1) never exits."""
     position = torch.searchsorted(rows, asked)  # where each asked row sits among the live decode rows
     device_position = position.to(hidden.device)
     thresholds = plan.thresholds[asked, head_index].to(hidden.device)
     controls = plan.controls.rows(asked)
     sampled = not controls.all_greedy
     logprob_rows = controls.num_logprobs > 0
+    shortlist = dict(token_ids=head.shortlist_ids, other_logit=head.mass) if head.has_shortlist else {}
     decision = exit_head(
-        hidden[device_position], head.norm_weight, model.lm_head.weight, thresholds, eps=head.eps,
+        hidden[device_position], head.norm_weight, head.bound_weight if head.has_shortlist else model.lm_head.weight,
+        thresholds, eps=head.eps, **shortlist,
         temperature=controls.temperature if sampled else None, seed=controls.seeds if sampled else None,
         adapter=head.adapted if head.adapter is not None else None,
         top_k=controls.top_k if bool((controls.top_k > 0).any()) else None,
@@ -182,10 +199,11 @@ def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy
         exits = policy.decide(decision, hidden[device_position], asked_state, thresholds, head.layer).cpu()
         policy_state.assign(device_position, asked_state)
     token = decision.token.cpu()
+    exits &= token >= 0  # "other": the head cannot say which token (the kernel's own flag already knows)
     for i, banned in enumerate(controls.suppressed):  # EOS before min_tokens: such a row does not exit here
         if banned and exits[i] and int(token[i]) in banned:
             exits[i] = False
-    result.heads_evaluated[asked] += 1
+    result.heads_evaluated[asked, head_index] = True
     result.margins.extend(zip([head.layer] * len(asked), decision.margin.tolist()))
     gone = asked[exits]
     result.exit_layers[gone] = head.layer

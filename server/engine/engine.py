@@ -165,11 +165,13 @@ class LLMEngine:
         for request, logprobs in out.prompt_logprobs:
             request.prompt_logprobs.extend(logprobs)
         updated = {}
-        for seq, token, exit_layer, logprob, flops, full in zip(out.seqs, out.token_ids, out.exit_layers,
-                                                                out.logprobs, out.flops, out.flops_full_depth):
+        for seq, token, exit_layer, logprob, flops, full, skipped in zip(
+                out.seqs, out.token_ids, out.exit_layers, out.logprobs, out.flops, out.flops_full_depth,
+                out.lm_head_skipped):
             seq.token_ids.append(token)
             seq.exit_layers.append(exit_layer)
             seq.num_exited_early += exit_layer < self.num_layers
+            seq.num_lm_head_skipped += skipped
             seq.decode_flops += flops
             seq.decode_flops_full_depth += full
             if seq.logprobs is not None:
@@ -210,6 +212,7 @@ class LLMEngine:
             outputs=[seq.output() for seq in seqs], finished=request.is_finished,
             prompt_logprobs=None if request.prompt_logprobs is None else list(request.prompt_logprobs),
             num_tokens_exited_early=sum(s.num_exited_early for s in seqs),
+            num_tokens_lm_head_skipped=sum(s.num_lm_head_skipped for s in seqs),
             decode_flops=sum(s.decode_flops for s in seqs),
             decode_flops_full_depth=sum(s.decode_flops_full_depth for s in seqs))
 
@@ -228,6 +231,7 @@ class LLMEngine:
             *self.scheduler_state(), num_preemptions=batch.num_preemptions,
             num_prompt_tokens=batch.num_prefill_tokens, num_generation_tokens=len(out.seqs), step_seconds=seconds,
             deepest_layer=out.deepest_layer, exit_layers=list(out.exit_layers), exit_margins=out.margins,
+            num_lm_head_skipped=sum(out.lm_head_skipped),
             decode_flops=sum(out.flops), decode_flops_full_depth=sum(out.flops_full_depth),
             time_to_first_tokens=first_tokens, inter_token_latencies=gaps, forward_seconds=out.forward_seconds)
         if self.observer is not None:

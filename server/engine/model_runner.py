@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from server.engine import early_exit
+from server.engine import early_exit, prompt_logprobs
 from server.engine.block_manager import BlockManager
 from server.engine.kv_cache import KVPool, PagedKVStore, StepMetadata
 from server.engine.outputs import TokenLogprob
 from server.engine.sampler import SamplerOutput, SamplingTensors, sample
 from server.engine.scheduler import ScheduledBatch
-from server.engine.sequence import Sequence
+from server.engine.sequence import Request, Sequence
 from server.model.costs import CostModel
 from server.model.exit_heads import ExitHeadSet
 from server.model.llama import LlamaForCausalLM
@@ -33,6 +33,7 @@ class StepInputs:
     plan: early_exit.StepPlan
     controls: SamplingTensors  # per sequence of `seqs`
     row_seq: torch.Tensor  # [N] int64 on the CPU: index into `seqs` of each row's sequence
+    prompt_rows: prompt_logprobs.PromptRows = field(default_factory=prompt_logprobs.PromptRows)
 
 
 @dataclass
@@ -44,9 +45,12 @@ class StepOutput:
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)  # decode tokens: what it cost; first tokens: 0
     flops_full_depth: list[float] = field(default_factory=list)  # the same token at full depth, no heads
+    lm_head_skipped: list[bool] = field(default_factory=list)  # decode tokens that never ran the full LM head
     margins: list[tuple[int, float]] = field(default_factory=list)
     deepest_layer: int = 0
     forward_seconds: float = 0.0  # inside the model, the exit kernel and the sampler
+    # per request whose prompt rows ran: its new prompt-token logprobs, in position order
+    prompt_logprobs: list[tuple[Request, list[TokenLogprob]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -65,6 +69,7 @@ class ModelRunner:
         meta = heads.meta if heads is not None else {}
         self.costs = CostModel.from_config(model.config, head_kind=meta.get("head_kind", "norm"),
                                            adapter_rank=meta.get("adapter_rank", 0))
+        self.head_costs = np.array(heads.evaluation_flops(self.costs) if heads is not None else [], dtype=np.float64)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
@@ -75,9 +80,12 @@ class ModelRunner:
         final_seq = inputs.row_seq[result.final_rows]
         final = sample(result.final_logits, inputs.controls.rows(final_seq)) if len(final_seq) else None
         final_tokens = final.token.tolist() if final is not None else []  # the step's one device sync
+        prompt = (prompt_logprobs.compute(self.model, result.final_hidden, inputs.prompt_rows)
+                  if result.final_hidden is not None else [])  # a second sync, only when prompt logprobs are asked
         forward_seconds = time.perf_counter() - start
         out = self.collect(inputs, result, final_seq.tolist(), final_tokens, final)
         out.forward_seconds = forward_seconds
+        out.prompt_logprobs = prompt
         return out
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
@@ -89,11 +97,13 @@ class ModelRunner:
         input_ids, positions, slots, depths = [], [], [], []
         row_seq = list(range(len(decode)))
         needs_logits = [True] * len(decode)
+        prompt_rows = prompt_logprobs.PromptRows()
         for seq in decode:
             input_ids.append(seq.token_ids[-1])
             positions.append(seq.num_tokens - 1)
             slots += self.block_manager.slots(seq, seq.num_tokens - 1, seq.num_tokens)
         for i, (seq, (start, end), first) in enumerate(zip(prefill, batch.prefill_chunks, first_token)):
+            prompt_rows.add(seq, len(input_ids), start, end)
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += self.block_manager.slots(seq, start, end)
@@ -111,10 +121,10 @@ class ModelRunner:
             gate_cuts=torch.tensor([s.gate_cuts for s in decode]).float().view(num_decode, self.num_heads),
             gate_whole_batch=self.gate_whole_batch,
             controls=controls.rows(torch.arange(num_decode)), prefill_depths=torch.tensor(depths, dtype=torch.long),
-            needs_logits=torch.tensor(needs_logits, dtype=torch.bool))
+            needs_logits=torch.tensor(needs_logits, dtype=torch.bool), needs_hidden=prompt_rows.mask(len(input_ids)))
         to_device = lambda values: torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
         return StepInputs(decode + prefill, num_decode, to_device(input_ids), to_device(positions), meta, plan,
-                          controls, torch.tensor(row_seq, dtype=torch.long))
+                          controls, torch.tensor(row_seq, dtype=torch.long), prompt_rows)
 
     def _controls(self, seqs: list[Sequence], draws: list[bool]) -> SamplingTensors:
         """Per-sequence sampling controls; a row seed is drawn only for a sequence that takes a token now,
@@ -144,7 +154,8 @@ class ModelRunner:
             if token >= 0:
                 chosen[i] = (token, head_logprob[i], result.head_top.get(i))
         num_decode = inputs.num_decode
-        flops, full = token_costs(self.costs, result, [s.num_tokens for s in inputs.seqs[:num_decode]])
+        context = [s.num_tokens for s in inputs.seqs[:num_decode]]
+        flops, full, ran_lm_head = token_costs(self.costs, self.head_costs, result, context)
         exit_layers = result.exit_layers.tolist()
         out = StepOutput(margins=result.margins, deepest_layer=max(exit_layers, default=0))
         for index in sorted(chosen):
@@ -155,6 +166,7 @@ class ModelRunner:
             out.exit_layers.append(exit_layers[index] if is_decode else self.num_layers)
             out.flops.append(float(flops[index]) if is_decode else 0.0)
             out.flops_full_depth.append(float(full[index]) if is_decode else 0.0)
+            out.lm_head_skipped.append(bool(is_decode and not ran_lm_head[index]))
             if seq.logprobs is None:
                 out.logprobs.append(None)
             else:
@@ -164,16 +176,24 @@ class ModelRunner:
         return out
 
 
-def token_costs(costs: CostModel, result: early_exit.ExitResult, context_lens: list[int]
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Per decode row, (FLOPs its token cost, FLOPs it would cost at full depth without heads): the
-    layers run, each head and gate evaluated, and the KV fill of the layers skipped."""
-    if not context_lens:
-        return np.zeros(0), np.zeros(0)
+def token_costs(costs: CostModel, per_head: np.ndarray, result: early_exit.ExitResult, context_lens: list[int]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per decode row: (FLOPs its token cost, FLOPs it would cost at full depth without heads, whether
+    it ran the full LM head). Counted: the layers run, each head and gate evaluated (per_head [E]: the
+    FLOPs of one evaluation of each head), the KV fill of the layers skipped, and the final norm and
+    LM head for the rows that reached them (not for a row that left at a head after the last layer)."""
+    num_decode = len(context_lens)
+    ran_lm_head = np.zeros(num_decode, dtype=bool)
+    final_rows = result.final_rows.numpy()
+    ran_lm_head[final_rows[final_rows < num_decode]] = True
+    if not num_decode:
+        return np.zeros(0), np.zeros(0), ran_lm_head
     context = np.asarray(context_lens)
-    spent = costs.token_flops(result.exit_layers.numpy(), result.heads_evaluated.numpy(), context,
-                              result.gates_evaluated.numpy())
-    return np.atleast_1d(spent), np.atleast_1d(costs.full_depth_flops(context))
+    spent = costs.token_flops(result.exit_layers.numpy(), context_len=context,
+                              gates_evaluated=result.gates_evaluated.numpy().sum(1),
+                              head_flops=result.heads_evaluated.numpy().astype(np.float64) @ per_head,
+                              full_head=ran_lm_head)
+    return np.atleast_1d(spent), np.atleast_1d(costs.full_depth_flops(context)), ran_lm_head
 
 
 def exit_policy(heads: ExitHeadSet | None):

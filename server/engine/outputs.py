@@ -7,6 +7,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)  # alternative token id -> logprob
+    rank: int | None = None  # the token's rank in its distribution (1 = most likely); set for prompt tokens
 
 
 @dataclass
@@ -30,7 +31,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    num_tokens_exited_early: int = 0  # over all choices
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None first), when asked for
+    num_tokens_exited_early: int = 0  # over all choices: tokens that left before the last layer
+    num_tokens_lm_head_skipped: int = 0  # tokens answered by an exit head (at any layer, the last included)
     decode_flops: float = 0.0  # FLOPs spent producing the generated tokens (heads and KV fill included)
     decode_flops_full_depth: float = 0.0  # the same tokens at full depth
 

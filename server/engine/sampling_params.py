@@ -18,6 +18,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stops are suppressed before this many tokens
     n: int = 1
     logprobs: int | None = None  # top alternatives to return per token (0 = only the chosen)
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and this many top alternatives
     early_exit: bool = True
     exit_epsilon: float | None = None  # None = the head set's default
 
@@ -33,6 +34,8 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", "must not exceed max_tokens"),
             (1 <= self.n <= MAX_N, "n", f"must be between 1 and {MAX_N}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+             f"must be between 0 and {MAX_LOGPROBS}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed", "must be a non-negative 64-bit integer"),

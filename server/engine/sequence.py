@@ -46,7 +46,8 @@ class Sequence:
         self.visible_len = 0
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
         self.read_offset = self.num_prompt_tokens
-        self.num_exited_early = 0
+        self.num_exited_early = 0  # tokens that left before the last layer
+        self.num_lm_head_skipped = 0  # tokens whose answer came from an exit head: the full LM head never ran
         self.decode_flops = 0.0
         self.decode_flops_full_depth = 0.0
         self.last_token_time: float | None = None
@@ -127,6 +128,8 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
+        # per prompt token, filled by prefill (server/engine/prompt_logprobs.py); the first has no context
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -16,6 +16,7 @@ class StepStats:
     deepest_layer: int = 0  # deepest layer a decode row reached in this step; 0 = no decode
     exit_layers: list[int] = field(default_factory=list)  # one per emitted token (first tokens: full depth)
     exit_margins: list[tuple[int, float]] = field(default_factory=list)  # (exit layer, margin) per head evaluation
+    num_lm_head_skipped: int = 0  # tokens of this step answered by an exit head, so the full LM head never ran
     decode_flops: float = 0.0
     decode_flops_full_depth: float = 0.0
     time_to_first_tokens: list[float] = field(default_factory=list)  # seconds, for requests whose first token came now

@@ -269,6 +269,12 @@ class ExitHeadSet(nn.Module):
                 head.shortlist_weight = moved.setdefault(key, fn(head.shortlist_weight))
         return result
 
+    def evaluation_flops(self, costs) -> list[float]:
+        """Per head (layer order), the FLOPs of one evaluation under a CostModel: its adapter, norm, the
+        rows it reads (the whole LM head, or its shortlist and mass estimator) and softmax statistics."""
+        return [float(costs.exit_head_flops(head.num_listed, head.mass.num_components if head.has_shortlist else 0,
+                                            adapter=head.adapter is not None)) for head in self.heads.values()]
+
     @property
     def num_layers(self) -> int:
         """The model's decoder layers: a head at this layer sits after the last one."""

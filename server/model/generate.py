@@ -74,7 +74,9 @@ def generate(model: LlamaForCausalLM, prompt_ids: list[int], max_tokens: int, *,
 
 
 def _decode_one(model, token, position, cache, heads, exits, thresholds, gate_cuts):
-    """One decode step; returns (logits [V] of the next token, depth that produced them)."""
+    """One decode step; returns (logits [V] of the next token, depth that produced them). A shortlist
+    head decides over its listed tokens and "other" (never exiting on "other"); its logits come back
+    as [V] with -inf outside the list. A head at layer L decides after the last layer."""
     num_layers = model.num_layers
     cache.at(position)
     hidden = model.embed(torch.tensor([token], device=position.device))
@@ -82,11 +84,21 @@ def _decode_one(model, token, position, cache, heads, exits, thresholds, gate_cu
     for layer in exits:
         hidden = model.run_layers(hidden, position, done, layer, cache)
         done = layer
+        head = heads.head(layer)
         cut = gate_cuts.get(layer, -math.inf)
-        if math.isfinite(cut) and float(heads.head(layer).gate_score(hidden)[0]) < cut:
+        if math.isfinite(cut) and float(head.gate_score(hidden)[0]) < cut:
             continue
-        logits = heads.head(layer).logits(hidden, model.lm_head.weight)[0]
-        top2 = torch.softmax(logits.float(), dim=-1).topk(2).values
+        if head.has_shortlist:
+            scores = head.shortlist_logits(hidden)[0]  # [K + 1], "other" last
+            logits = torch.full((model.config.vocab_size,), float("-inf"), device=scores.device)
+            logits[head.shortlist_ids] = scores[:-1]
+            probs = torch.softmax(scores, dim=-1)
+            if int(probs.argmax()) == len(scores) - 1:
+                continue
+        else:
+            logits = head.logits(hidden, model.lm_head.weight)[0]
+            probs = torch.softmax(logits.float(), dim=-1)
+        top2 = probs.topk(2).values
         if float(top2[0] - top2[1]) >= thresholds[layer]:
             for deeper in range(layer, num_layers):  # fill the KV the skipped layers would have written
                 cache.write(deeper, *model.layer_kv(deeper, hidden, position))

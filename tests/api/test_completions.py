@@ -63,7 +63,7 @@ async def test_early_exit_off_equals_full_depth_reference(client, engine):
     choice = result["choices"][0]
     assert choice["token_ids"] == reference.token_ids
     assert choice["exit_layers"] == [6] * 16
-    assert result["usage"]["exit"] == {"tokens_exited_early": 0, "mean_layers": 6.0,
+    assert result["usage"]["exit"] == {"tokens_exited_early": 0, "tokens_skipped_lm_head": 0, "mean_layers": 6.0,
                                        "compute_saved": pytest.approx(0.0, abs=1e-9)}
 
 

@@ -39,7 +39,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "hi", "stop": [""]}, "stop"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "hi", "exit_epsilon": 0.5}, "exit_epsilon"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
 ]
 

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from calibration.calibrate import execution, select
 from server.cli import main
@@ -90,3 +91,50 @@ def test_selection_counts_every_cost_and_a_gate_only_removes_head_evaluations(ti
     assert np.all(gated_run["heads_evaluated"] <= run["heads_evaluated"])
     exited = gated_run["exit_index"] < len(kept)
     assert np.all(run["exit_index"][exited] <= gated_run["exit_index"][exited])  # no new exits, only fewer or later
+
+
+@pytest.fixture(scope="module")
+def shortlist_dir(tiny_model_dir, prompt_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit-shortlist") / "heads"
+    code = main(["fit-heads", "--model", str(tiny_model_dir), "--layers", "4,6", "--head-kind", "linear",
+                 "--head-rank", "8", "--prompts", str(prompt_files / "train.txt"), "--text", str(prompt_files / "text.txt"),
+                 "--tokens", "600", "--steps", "20", "--batch-size", "64", "--no-gate", "--shortlist", "150",
+                 "--mass-components", "16", "--mass-steps", "300", "--mass-positions", "600", "--out", str(out), *FAST])
+    assert code == 0
+    return out
+
+
+def test_fit_heads_with_a_shortlist_records_it_and_fits_the_estimator(shortlist_dir, tiny_loaded):
+    heads = ExitHeadSet.load(shortlist_dir, config=tiny_loaded.config, fingerprint=tiny_loaded.fingerprint,
+                             lm_head=tiny_loaded.model.lm_head.weight)
+    assert heads.layers == [4, 6] and all(h.num_listed == 150 for h in heads.heads.values())
+    assert heads.head(6).adapter is None and not heads.has_gates
+    meta = heads.meta["shortlist"]
+    assert meta["size"] == 150 and meta["layers"] == [4, 6] and meta["mass_estimator"]["components"] == 16
+    assert meta["reply_positions"] > 0 and meta["text_positions"] > 0 and meta["data"]["fit_positions"]
+    cover = meta["coverage_on_fit_positions"]
+    assert cover["150"] >= cover["1024"] - 1e-9 or cover["1024"] == 1.0  # ranked: a longer list covers more
+    errors = heads.meta["fit"]["mass_error_held_out"]
+    for layer in ("4", "6"):  # pinball at 0.9 leans high: most held-out positions are over-estimated
+        assert errors[layer]["rms"] < 3.0 and errors[layer]["under_share"] < 0.4, errors[layer]
+    final = tiny_loaded.model.model.norm.weight.detach()
+    assert torch.equal(heads.head(6).norm_weight.detach(), final.half().float())  # never trained: the model's norm
+
+
+def test_calibrate_and_eval_with_shortlist_heads(shortlist_dir, tiny_model_dir, tiny_loaded, prompt_files, tmp_path):
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--heads", str(shortlist_dir), "--out", str(out),
+                 "--prompts", str(prompt_files / "calib.txt"), "--epsilon", "0.5,0.8", "--min-exits", "5",
+                 *FAST]) == 0
+    heads = load_heads(str(out), tiny_loaded)
+    meta = heads.meta["calibration"]
+    for eps, entry in meta["epsilons"].items():
+        tf = entry["teacher_forced"]
+        assert "categories" in tf and tf["saved_fraction"] >= 0.0
+        live = entry["on_policy"]
+        assert live["agreement"] is None or live["agreement"] >= float(eps)
+    evaluated = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--heads", str(out), "--prompts", str(prompt_files / "calib.txt"),
+                 "--json", str(evaluated), *FAST]) == 0
+    results = json.loads(evaluated.read_text())
+    assert set(results["epsilons"]) == {"0.5", "0.8"}

@@ -242,7 +242,7 @@ def served_by_engine_with_tune(tiny_dir, out, merged):
     register_serve(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", str(tiny_dir), "--tune", str(out), "--device", "cpu"])
     config = engine_config(args)
-    assert config.tune == str(out) and config.heads == "auto" and config.gate_whole_batch  # no --gate-per-row
+    assert config.tune == str(out) and config.heads == "auto" and not config.gate_whole_batch  # per-row gating
     engine = LLMEngine.from_config(config)
     assert engine.heads is not None and engine.heads.layers == [2, 4]
     assert engine.heads.meta["base_model"]["fingerprint"] == merged.fingerprint  # the tuned fingerprint

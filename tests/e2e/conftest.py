@@ -1,4 +1,5 @@
 """A real `offramp serve` subprocess on a free port, serving the tiny random model."""
+import asyncio
 import os
 import signal
 import socket
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.api.helpers import metric_values
+from tests.polling import DEADLINE_SECONDS
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +61,38 @@ class ServerProcess:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
+
+
+async def eventually(probe, what: str, timeout: float = DEADLINE_SECONDS, interval: float = 0.05):
+    """Await probe() until it returns something truthy; return that, or fail after timeout seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def gauges(client: httpx.AsyncClient) -> dict[str, float]:
+    """The scheduler's gauges and the finished-request counters of a server, from /metrics."""
+    text = (await client.get("/metrics")).text
+    values = {name: sum(metric_values(text, f"offramp_{name}").values())
+              for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_ratio")}
+    for label, value in metric_values(text, "offramp_request_success_total").items():
+        values[label.split('finished_reason="')[1].split('"')[0]] = value
+    return values
+
+
+def is_idle(values: dict[str, float]) -> bool:
+    return values["num_requests_running"] == values["num_requests_waiting"] == values["kv_cache_usage_ratio"] == 0
+
+
+async def idle(client: httpx.AsyncClient) -> dict[str, float] | None:
+    """The gauges and counters if nothing runs, waits or holds a KV block, else None."""
+    values = await gauges(client)
+    return values if is_idle(values) else None
 
 
 @pytest.fixture(scope="session")

@@ -91,17 +91,17 @@ def test_gates_are_counted(tiny, tmp_path):
 
 
 def test_whole_batch_gating(tiny, tmp_path):
-    """gate_whole_batch (the default): a gated head is asked for all decode rows of a step or none;
-    a lone sequence runs exactly the reference's gated path."""
+    """gate_whole_batch (`serve --gate-whole-batch`): a gated head is asked for all decode rows of a step
+    or none; a lone sequence runs exactly the reference's gated path."""
     heads = gated_heads(tiny, tmp_path / "h", plain_saved=0.0, gated_saved=0.1, cut=CUT_MOST_PASS)
     prompts = random_prompts([3, 17, 40, 9], seed=7)
     params = SamplingParams(max_tokens=24, temperature=0, exit_epsilon=0.9, ignore_eos=True)
-    alone = engine_with(tiny, heads).generate([prompts[1]], params)[0].outputs[0]
+    alone = engine_with(tiny, heads, gate_whole_batch=True).generate([prompts[1]], params)[0].outputs[0]
     expected = reference_generate(tiny.model, prompts[1], 24, heads=heads, thresholds=GATED["thresholds"],
                                   gate_cuts={2: CUT_MOST_PASS, 4: -math.inf})
     assert (alone.token_ids, alone.exit_layers) == (expected.token_ids, expected.exit_layers)
 
-    engine = engine_with(tiny, heads)
+    engine = engine_with(tiny, heads, gate_whole_batch=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
     asked_steps = skipped_steps = 0
