@@ -125,7 +125,7 @@ def run_fit(args):
 
     from calibration.data import data_hash, file_hash, generate_replies, text_samples
     from calibration.fit import FitConfig, StateCache, collect_states, fit_gates, fit_heads
-    from server.model.exit_heads import AdapterSpec
+    from server.model.exit_head import AdapterSpec
 
     config = FitConfig(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        refresh_rows=args.hard_negatives)

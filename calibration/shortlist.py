@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.model.exit_heads import ExitHead
+from server.model.exit_head import ExitHead
 
 
 @dataclass

@@ -122,7 +122,8 @@ def batches(docs, seq_len: int, batch_size: int):
 
 
 def initial_heads(loaded, heads_dir, layers, head_kind, head_rank=0):
-    from server.model.exit_heads import AdapterSpec, ExitHeadSet
+    from server.model.exit_head import AdapterSpec
+    from server.model.exit_heads import ExitHeadSet
 
     base = {"name": loaded.name, "fingerprint": loaded.fingerprint}
     start = None

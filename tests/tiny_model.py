@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from server.model.config import ModelConfig
-from server.model.exit_heads import AdapterSpec, ExitHeadSet
+from server.model.exit_head import AdapterSpec
+from server.model.exit_heads import ExitHeadSet
 from server.model.llama import LlamaForCausalLM
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "

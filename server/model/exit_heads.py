@@ -1,168 +1,37 @@
-"""Exit heads: a light read-out of an intermediate hidden state through the model's own LM head.
+"""A set of exit heads: the heads at their layers, their calibration (thresholds per epsilon), and
+their storage as exits.safetensors + exits.json, tied to one model by its fingerprint.
 
-head(h) = lm_head @ rms_norm(h + adapter(h)) * norm_weight
+One head (server/model/exit_head.py) reads a hidden state out through the model's LM head, or, a
+shortlist head, through K listed rows of it plus an estimated "other" logit for the rest; a head
+after the last layer (layer == num_hidden_layers) reads the final hidden state through the model's
+own final norm, so its listed logits are exactly the full model's and a row that exits there skips
+only the full LM head. Only a shortlist's ids are stored; its rows are copied from the model at
+load (`bind`).
 
-The LM head is shared with the model, never copied; a head owns only its RMSNorm weight
-(initialised from the final norm) and an optional zero-initialised residual adapter, so a
-fresh head is exactly the logit lens. A head set is saved as exits.safetensors + exits.json.
-
-Optional gate: a linear probe on the RMS-normalised hidden state, sigmoid(w . h / rms(h) + b),
-that predicts the head's confidence (its top-2 margin) for about 6d FLOPs. A calibration entry
-may hold, beside the plain plan (`thresholds`: every reached head is evaluated), a gated plan
-(`gated`: thresholds and gate cuts): an engine that runs gates evaluates a head only for rows whose
-gate score is >= the cut, so the gate can only skip head evaluations (and with them exits); the
-policy's threshold still decides every exit, and those thresholds were calibrated with the gates
-in place. `thresholds(eps, gated=True)` + `gate_cuts(eps)` give the gated plan.
-
-Shortlist heads: a head may read out only K rows of the LM head (its `shortlist_ids`, a frequency-
-ranked list of token ids) plus one "other" logit, a learned estimate of the log-sum-exp of the logits
-of every token outside the list (`MassEstimator`, trained against the exact value). It then costs
-2dK + 2dC FLOPs instead of 2dV (V = 49,152 on SmolLM2: one full head is about 8 decoder layers), and
-its decision is over shortlist ∪ {other} (kernels/exit_head.py). The listed rows are copied from the
-model's LM head at load (`bind`), contiguous [K, d]; only the ids are stored. A head may sit after the
-last layer (layer == num_hidden_layers): it then reads the final hidden state through the model's own
-final norm, so its listed logits are exactly the full model's, and a row that exits there skips only
-the full LM head.
+A calibration entry per epsilon holds the plain plan (`thresholds`: every reached head is
+evaluated, inf = off) and, for heads with gate probes, a gated plan (`gated`: thresholds and gate
+cuts): an engine that runs gates evaluates a head only for rows whose gate score is >= the cut, so
+the gate can only skip head evaluations (and with them exits); the policy's threshold still decides
+every exit, and those thresholds were calibrated with the gates in place. `served_thresholds(eps)`
+is what a server runs.
 """
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from server.model.llama import rms_norm
+from server.model.exit_head import AdapterSpec, ExitHead
 
 FORMAT = "offramp-exits/1"
 SHIPPED_HEADS = Path(__file__).parent / "heads"  # package data: heads/<model alias>/exits.{json,safetensors}
-HEAD_KINDS = ("norm", "linear", "mlp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class HeadSetError(Exception):
     """A head set that cannot be used: missing, malformed, or made for another model."""
-
-
-@dataclass
-class AdapterSpec:
-    kind: str = "norm"  # norm (no adapter) | linear | mlp
-    rank: int = 0  # linear: 0 = full d x d, else low rank; mlp: hidden width
-
-    def __post_init__(self):
-        if self.kind not in HEAD_KINDS:
-            raise ValueError(f"unknown head kind {self.kind!r}; expected one of {', '.join(HEAD_KINDS)}")
-
-
-class ResidualAdapter(nn.Module):
-    """Zero-initialised residual map d -> d: a linear (full or low-rank) or a SwiGLU MLP."""
-
-    def __init__(self, dim: int, spec: AdapterSpec):
-        super().__init__()
-        self.kind = spec.kind
-        if spec.kind == "linear" and spec.rank == 0:
-            self.proj = nn.Linear(dim, dim, bias=False)
-            nn.init.zeros_(self.proj.weight)
-        elif spec.kind == "linear":
-            self.down = nn.Linear(dim, spec.rank, bias=False)
-            self.up = nn.Linear(spec.rank, dim, bias=False)
-            nn.init.zeros_(self.up.weight)
-        else:
-            width = spec.rank or dim
-            self.gate = nn.Linear(dim, width, bias=False)
-            self.up = nn.Linear(dim, width, bias=False)
-            self.down = nn.Linear(width, dim, bias=False)
-            nn.init.zeros_(self.down.weight)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "proj"):
-            return self.proj(h)
-        if self.kind == "linear":
-            return self.up(self.down(h))
-        return self.down(nn.functional.silu(self.gate(h)) * self.up(h))
-
-
-class MassEstimator(nn.Module):
-    """o(y) = logsumexp_c(a_c . y + b_c) ~= log sum_{j not listed} exp(w_j . y), y the head's normed
-    input [N, d] -> [N] f32. C linear pieces of a convex function that is itself a log-sum-exp of
-    linear pieces (one per unlisted token): initialised from clusters of the unlisted LM-head rows
-    (a_c = centroid, b_c = log cluster size), then fitted to the exact value (calibration/fit.py)."""
-
-    def __init__(self, dim: int, components: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, components)
-
-    @property
-    def num_components(self) -> int:
-        return self.proj.out_features
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(self.proj(y.to(self.proj.weight.dtype)).float(), dim=-1)
-
-
-class ExitHead(nn.Module):
-    def __init__(self, layer: int, dim: int, eps: float, spec: AdapterSpec, norm_init: torch.Tensor | None = None,
-                 gate: bool = False, shortlist_ids: torch.Tensor | None = None, mass_components: int = 0):
-        super().__init__()
-        self.layer = layer
-        self.eps = eps
-        self.norm_weight = nn.Parameter(norm_init.detach().clone().float() if norm_init is not None else torch.ones(dim))
-        self.adapter = None if spec.kind == "norm" else ResidualAdapter(dim, spec)
-        self.gate = nn.Linear(dim, 1) if gate else None
-        if shortlist_ids is not None and mass_components < 1:
-            raise ValueError("a shortlist head needs a mass estimator (mass_components >= 1)")
-        # [K] int64 vocabulary ids, most frequent first; None = a full-vocabulary head
-        self.register_buffer("shortlist_ids", None if shortlist_ids is None else shortlist_ids.long().clone())
-        self.mass = MassEstimator(dim, mass_components) if shortlist_ids is not None else None
-        self.shortlist_weight: torch.Tensor | None = None  # [K, d] rows of the LM head, set by `bind`
-
-    @property
-    def has_shortlist(self) -> bool:
-        return self.shortlist_ids is not None
-
-    @property
-    def num_listed(self) -> int:
-        return len(self.shortlist_ids) if self.has_shortlist else 0
-
-    def bind(self, lm_head_weight: torch.Tensor) -> None:
-        """Copy the listed rows of the LM head [V, d] into a contiguous [K, d] (same dtype and device)."""
-        if self.has_shortlist:
-            self.shortlist_weight = lm_head_weight.detach()[self.shortlist_ids.to(lm_head_weight.device)].contiguous()
-
-    @property
-    def bound_weight(self) -> torch.Tensor:
-        """[K, d] the listed LM-head rows (after `bind`)."""
-        if self.shortlist_weight is None:
-            raise RuntimeError(f"the shortlist head at layer {self.layer} is not bound to an LM head (ExitHeadSet.bind)")
-        return self.shortlist_weight
-
-    def normed(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """hidden [N, d] -> y [N, d] in dtype: the head's RMSNorm of its adapted input (the LM head's input)."""
-        return rms_norm(self.adapted(hidden), self.norm_weight.to(hidden.dtype), self.eps).to(dtype)
-
-    def shortlist_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, d] -> [N, K + 1] f32: the listed tokens' logits, then the estimated other logit."""
-        weight = self.bound_weight
-        y = self.normed(hidden, weight.dtype)
-        return torch.cat([(y @ weight.T).float(), self.mass(y)[:, None]], dim=1)
-
-    def gate_score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, d] -> [N] float32 in (0, 1): the probe's guess of the head's margin (1 without a gate)."""
-        if self.gate is None:
-            return hidden.new_ones(hidden.shape[0], dtype=torch.float32)
-        normed = rms_norm(hidden.float(), torch.ones_like(self.gate.weight[0]), self.eps)
-        return torch.sigmoid(self.gate(normed)[:, 0])
-
-    def adapted(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, d] -> hidden + adapter(hidden), the input of the head's norm."""
-        if self.adapter is None:
-            return hidden
-        return hidden + self.adapter(hidden.to(self.norm_weight.dtype)).to(hidden.dtype)
-
-    def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, V] through the whole shared LM head (offline: fitting, calibration)."""
-        return self.normed(hidden, lm_head_weight.dtype) @ lm_head_weight.T
 
 
 def _key(eps: float) -> str:

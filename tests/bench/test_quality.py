@@ -12,7 +12,8 @@ from bench.quality import evaluate, first_divergence
 from server.cli import main
 from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
-from server.model.exit_heads import AdapterSpec, ExitHeadSet
+from server.model.exit_head import AdapterSpec
+from server.model.exit_heads import ExitHeadSet
 from server.model.generate import generate
 from server.model.loader import load_model
 

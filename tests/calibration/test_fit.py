@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from calibration.data import Sample, text_samples
 from calibration.fit import FitConfig, StateCache, collect_states, fit_gates, fit_heads, head_loss
-from server.model.exit_heads import AdapterSpec, ExitHeadSet, HeadSetError
+from server.model.exit_head import AdapterSpec
+from server.model.exit_heads import ExitHeadSet, HeadSetError
 from server.model.loader import load_model
 from tests.tiny_model import write_tiny_model
 

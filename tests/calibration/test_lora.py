@@ -7,7 +7,8 @@ import torch
 
 from calibration.lora import LoRALinear, attach_lora, detach_lora, lora_disabled, lora_modules, lora_state, save_delta
 from server.model.tune_delta import TuneError, apply_tune
-from server.model.exit_heads import AdapterSpec, ExitHeadSet, HeadSetError
+from server.model.exit_head import AdapterSpec
+from server.model.exit_heads import ExitHeadSet, HeadSetError
 from server.model.loader import load_model
 
 

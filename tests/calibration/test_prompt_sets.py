@@ -161,7 +161,7 @@ def test_deterministic(sets):
 def test_committed_files_match_build(sets):
     for split, entries in sets.items():
         lines = (PROMPTS_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-        assert [json.loads(line) for line in lines] == entries, f"rerun python -m calibration.prompt_sets"
+        assert [json.loads(line) for line in lines] == entries, "rerun python -m calibration.prompt_sets"
 
 
 def test_main_writes_jsonl(tmp_path, sets):

@@ -13,7 +13,8 @@ from calibration.tune import (TuneConfig, Tuner, exit_loss_weights, layer_dropou
                               parse_method, run_backbone)
 from calibration.tune_cli import batches, documents
 from server.errors import UsageError
-from server.model.exit_heads import AdapterSpec, ExitHeadSet
+from server.model.exit_head import AdapterSpec
+from server.model.exit_heads import ExitHeadSet
 from server.model.loader import load_model
 from tests.tiny_model import _corpus
 

@@ -29,7 +29,8 @@ def test_engine_equals_reference_generate_on_smollm2(smollm2):
 @pytest.mark.slow
 def test_engine_early_exit_equals_reference_on_smollm2(smollm2):
     """Logit-lens heads at layers 12 and 20 with synthetic margin thresholds (not calibrated)."""
-    from server.model.exit_heads import AdapterSpec, ExitHeadSet
+    from server.model.exit_head import AdapterSpec
+    from server.model.exit_heads import ExitHeadSet
 
     heads = ExitHeadSet.create(smollm2.model, [12, 20], AdapterSpec("norm"),
                                {"name": smollm2.name, "fingerprint": smollm2.fingerprint})

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from server.model.exit_heads import AdapterSpec, ExitHeadSet, HeadSetError
+from server.model.exit_head import AdapterSpec
+from server.model.exit_heads import ExitHeadSet, HeadSetError
 from server.model.loader import load_model
 from tests.tiny_model import write_tiny_model
 
