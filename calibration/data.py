@@ -20,6 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 PROMPTS_DIR = Path(__file__).parent / "prompts"
+POOL_LIMIT = 4 << 30  # bytes of KV cache reply generation may take
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,11 @@ def generate_replies(loaded, prompts: list["Prompt | str"], *, max_tokens: int, 
     if missing:
         prompt_ids = {j: chat_ids(tokenizer, jobs[j][0]) for j in missing}
         lengths = sorted(len(ids) + max_tokens + 1 for ids in prompt_ids.values())
-        # KV for `batch` typical sequences, and always room for the longest alone; the engine preempts
-        # (and recomputes) when long prompts crowd in together
-        tokens = (batch - 1) * lengths[len(lengths) // 2] + lengths[-1]
-        pool = kv_pool_bytes(loaded.config, 1, tokens, dtype=loaded.model.lm_head.weight.dtype)
+        # KV for `batch` of the longest sequences, so nothing is ever preempted (recomputing wastes the
+        # machine), up to POOL_LIMIT; past it the engine preempts and recomputes when long prompts crowd in
+        dtype = loaded.model.lm_head.weight.dtype
+        pool = min(kv_pool_bytes(loaded.config, batch, lengths[-1], dtype=dtype), POOL_LIMIT)
+        pool = max(pool, kv_pool_bytes(loaded.config, 1, lengths[-1], dtype=dtype))
         engine = LLMEngine(loaded.model, tokenizer, EngineConfig(
             model=loaded.name, heads=None, max_num_seqs=batch, max_num_batched_tokens=max(1024, batch),
             max_model_len=lengths[-1], kv_cache_memory=pool), heads=heads)

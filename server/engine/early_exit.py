@@ -116,7 +116,7 @@ def forward(model: LlamaForCausalLM, heads: ExitHeadSet | None, store: PagedKVSt
             gone, keep = leave.to(device), (~leave).to(device)
             if layer < num_layers:  # after the last layer there is no deeper K/V to fill
                 left = left.add(hidden[gone], positions[gone], store.meta.slots[gone])
-                store = store.select(keep)
+                store = store.select(~leave)
             hidden, positions = hidden[keep], positions[keep]
             if policy_state is not None:
                 policy_state = policy_state.select(keep[:num_decode])
@@ -185,7 +185,7 @@ def _ask_head(model, head, hidden, rows, asked, head_index, plan, result, policy
     logprob_rows = controls.num_logprobs > 0
     shortlist = dict(token_ids=head.shortlist_ids, other_logit=head.mass) if head.has_shortlist else {}
     decision = exit_head(
-        hidden[device_position], head.norm_weight, head.bound_weight if head.has_shortlist else model.lm_head.weight,
+        hidden[device_position], head.norm_weight, head.bound_weight if head.has_shortlist else model.head_weight,
         thresholds, eps=head.eps, **shortlist,
         temperature=controls.temperature if sampled else None, seed=controls.seeds if sampled else None,
         adapter=head.adapted if head.adapter is not None else None,
