@@ -62,7 +62,8 @@ def hf_tokens_per_second(hf_model, prompts, max_tokens) -> float:
 @torch.inference_mode()
 def synthetic_heads(loaded, prompts, layers, exit_rate):
     """Logit-lens heads; thresholds = the (1 - exit_rate) quantile of each head's margin over the prompts."""
-    from server.model.exit_heads import AdapterSpec, ExitHeadSet
+    from server.model.exit_head import AdapterSpec
+    from server.model.exit_heads import ExitHeadSet
 
     model = loaded.model
     base = {"name": loaded.name, "fingerprint": loaded.fingerprint}

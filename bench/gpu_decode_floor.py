@@ -62,7 +62,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     from tokenizers import models
 
     from server.model.config import ModelConfig
-    from server.model.exit_heads import AdapterSpec, ExitHeadSet
+    from server.model.exit_head import AdapterSpec
+    from server.model.exit_heads import ExitHeadSet
     from server.model.llama import LlamaForCausalLM
     from server.model.tokenizer import Tokenizer
 

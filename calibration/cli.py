@@ -92,6 +92,8 @@ def _common(p):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cache", default=None,
                    help="folder for replies and states (default: OUT/cache for fit-heads, HEADS/cache for calibrate)")
+    p.add_argument("--prompt-stride", type=int, default=1,
+                   help="use every N-th prompt of the prompt files (a smaller run with the same category mix)")
 
 
 def _setup(args):
@@ -104,10 +106,12 @@ def _setup(args):
     return load_model(args.model, device=device)
 
 
-def _prompts(paths):
+def _prompts(paths, stride: int = 1):
     from calibration.data import read_prompts
 
-    prompts = [p for path in paths for p in read_prompts(path)]
+    if stride < 1:
+        raise UsageError(f"--prompt-stride must be >= 1, got {stride}")
+    prompts = [p for path in paths for p in read_prompts(path)][::stride]
     if not prompts:
         raise UsageError(f"no prompts in {', '.join(map(str, paths))}")
     return prompts
@@ -135,7 +139,7 @@ def run_fit(args):
     cache = Path(args.cache) if args.cache else out / "cache"
     prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "fit.jsonl")]
     layers = _layers(args.layers)
-    samples = generate_replies(loaded, _prompts(prompt_files), max_tokens=args.max_tokens,
+    samples = generate_replies(loaded, _prompts(prompt_files, args.prompt_stride), max_tokens=args.max_tokens,
                                temperature=args.temperature, seed=args.seed,
                                samples_per_prompt=args.samples_per_prompt, batch=args.batch,
                                cache=cache / "fit_replies.jsonl") if prompt_files else []
@@ -162,7 +166,7 @@ def run_fit(args):
         "loss": args.loss, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "top_k": args.top_k, "hard_negatives": args.hard_negatives, "positions": len(states), "reply_positions": reply_tokens,
         "prompts": {Path(p).name: file_hash(p) for p in prompt_files}, "text": {Path(t).name: file_hash(t) for t in args.text},
-        "samples_per_prompt": args.samples_per_prompt, "temperature": args.temperature, "max_tokens": args.max_tokens,
+        "samples_per_prompt": args.samples_per_prompt, "prompt_stride": args.prompt_stride, "temperature": args.temperature, "max_tokens": args.max_tokens,
         "data_hash": data_hash(samples), "final_loss": history[-1]["loss"] if history else None,
         "gate_mean_abs_error": gate_error, "mass_error_held_out": mass_error}
     heads.save(out, torch.float16)
@@ -246,7 +250,7 @@ def run_calibrate(args):
     out = Path(args.out or args.heads)
     cache = Path(args.cache) if args.cache else Path(args.heads) / "cache"  # beside the fitted set, not the output
     prompt_files = args.prompts if args.prompts is not None else [str(PROMPTS_DIR / "calib.jsonl")]
-    prompts = _prompts(prompt_files)
+    prompts = _prompts(prompt_files, args.prompt_stride)
     fit_prompts = set(heads.meta.get("fit", {}).get("prompts", {}).values())
     overlap = fit_prompts & {file_hash(p) for p in prompt_files}
     if overlap:
@@ -300,7 +304,7 @@ def run_calibrate(args):
         delta=args.delta, policy=args.policy, policy_params=get_params(args.policy), num_tokens=int(hf.correct.shape[1]),
         num_prompts=len(prompts), data_hashes={
             "calibration_replies": data_hash(samples), **{Path(p).name: file_hash(p) for p in prompt_files}},
-        extra={"gates": bool(args.gate and heads.has_gates), "on_policy_prompts": len(check),
+        extra={"gates": bool(args.gate and heads.has_gates), "prompt_stride": args.prompt_stride, "on_policy_prompts": len(check),
                "cost_model": {"head_flops": cost_model.head_flops, "gate_flops": cost_model.gate_flops,
                               "layer_flops_at_context": cost_model.layer_flops(), "kv_fill_flops": cost_model.kv_fill_flops}}))
     heads.save(out)
@@ -360,7 +364,7 @@ def run_eval(args):
     texts = [s for path in args.text for s in text_samples(path, loaded.tokenizer, max_tokens=args.text_tokens)]
     cost_model = CostModel.from_config(loaded.config, head_kind=heads.meta["head_kind"],
                                        adapter_rank=heads.meta.get("adapter_rank", 0))
-    results = evaluate(loaded, heads, _prompts(args.prompts), texts, cost_model, max_tokens=args.max_tokens,
+    results = evaluate(loaded, heads, _prompts(args.prompts, args.prompt_stride), texts, cost_model, max_tokens=args.max_tokens,
                        batch=args.batch, cache_dir=cache,
                        progress=lambda eps, entry: log.info("eps %s done", eps), original=original)
     print(table(results))

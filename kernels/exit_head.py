@@ -169,14 +169,20 @@ def exit_head_reference(hidden, norm_weight, lm_head, thresholds, *, eps, temper
     projection in lm_head's dtype and rounds the logits to it, as an eager bf16 model would (benchmarks).
     top_k [rows] int (0 = off), top_p [rows] float (1 = off) filter the sampled token only; num_logprobs
     [rows] int asks for that many top temperature-1 logprobs per row (never "other"). token_ids [K] and
-    other_logit (y [rows, d] -> [rows] f32): a shortlist head (module docstring).
+    other_logit (y [rows, d] -> [rows] f32): a shortlist head (module docstring). lm_head may also be a
+    quantized LM head module (server/model/quantize.py), called on the fp32 normed rows: its own kernel
+    then computes the logits.
     """
     if adapter is not None:
         hidden = adapter(hidden)
-    y = rms_norm(hidden, norm_weight, eps, lm_head.dtype)                     # [rows, d]
-    if fp32_logits:
+    if not isinstance(lm_head, torch.Tensor):
+        y = rms_norm(hidden, norm_weight, eps, torch.float32)                # [rows, d]
+        logits = lm_head(y).float()                                           # [rows, V]
+    elif fp32_logits:
+        y = rms_norm(hidden, norm_weight, eps, lm_head.dtype)
         logits = y.float() @ lm_head.float().T                                # [rows, K]
     else:
+        y = rms_norm(hidden, norm_weight, eps, lm_head.dtype)
         logits = F.linear(y, lm_head).float()
     num_listed = logits.shape[1]
     ids = torch.arange(num_listed, device=logits.device) if token_ids is None else token_ids.to(logits.device)
@@ -480,7 +486,8 @@ def exit_head(hidden, norm_weight, lm_head, thresholds, *, eps, temperature=None
               backend="auto") -> ExitDecision:
     """Decide, for each row, the token and whether it exits here.
 
-    hidden [rows, d]; norm_weight [d] (the head's RMSNorm); lm_head [V, d]; thresholds [rows] f32
+    hidden [rows, d]; norm_weight [d] (the head's RMSNorm); lm_head [V, d] (or a quantized LM head module,
+    which takes the reference path); thresholds [rows] f32
     (+inf = never exit); temperature [rows] (0 = greedy; None = all greedy); seed [rows] int64 (None =
     drawn from torch's generator); adapter: callable hidden -> adapted hidden, applied before the RMSNorm.
     top_k [rows] (0 = off), top_p [rows] (1 = off), num_logprobs [rows] (0 = none): rows that use any of
@@ -492,6 +499,7 @@ def exit_head(hidden, norm_weight, lm_head, thresholds, *, eps, temperature=None
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"exit_head: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda and HAS_TRITON)
+    use_triton &= isinstance(lm_head, torch.Tensor)  # a quantized head computes its own logits
     extras = dict(top_k=top_k, top_p=top_p, num_logprobs=num_logprobs)
     shortlist = dict(token_ids=token_ids, other_logit=other_logit)
     if not use_triton:

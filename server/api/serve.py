@@ -30,6 +30,8 @@ def register(subparsers):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--quantization", default="none", choices=["auto", "none", "int8", "int4"],
+                   help="weights in memory (int8/int4: CPU only); auto = int4 on CPU, none on CUDA")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens computed in one step (default 1024, at least --max-num-seqs); bounds how long a "
@@ -57,7 +59,7 @@ def engine_config(args):
 
     heads = None if args.heads.lower() == "none" else args.heads
     kwargs = dict(model=args.model, heads=heads, tune=args.tune, gate_whole_batch=args.gate_whole_batch,
-                  device=args.device, dtype=args.dtype,
+                  device=args.device, dtype=args.dtype, quantization=args.quantization,
                   max_model_len=args.max_model_len,
                   kv_cache_memory=parse_memory(args.kv_cache_memory) if args.kv_cache_memory else None)
     if args.max_num_seqs is not None:

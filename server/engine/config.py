@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from server.model.fetch import DEFAULT_MODEL
+from server.model.quantize import QUANTIZATIONS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_MEMORY = 1 << 30  # default pool on CPU, before the max_num_seqs * max_model_len cap
@@ -23,6 +24,10 @@ class EngineConfig:
     """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     dtype: str = "auto"
     """"auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16"."""
+    quantization: str = "none"
+    """Weights in memory: "none", "int8" or "int4" (CPU only; server/model/quantize.py); "auto" = int4 on
+    CPU, none on CUDA. The default stays "none": the shipped exit heads are calibrated on the float model,
+    and thresholds calibrated there do not carry over to int4 logits unchecked (BENCHMARKS.md)."""
     max_num_seqs: int = 64
     """Sequences running at once (decode rows of one step)."""
     max_num_batched_tokens: int = 1024
@@ -56,18 +61,28 @@ class EngineConfig:
             (self.dtype == "auto" or self.dtype in DTYPES, f"dtype must be auto or one of {', '.join(DTYPES)}"),
             (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              "device must be auto, cpu, cuda or cuda:N"),
+            (self.quantization == "auto" or self.quantization in QUANTIZATIONS,
+             f"quantization must be auto or one of {', '.join(QUANTIZATIONS)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for but CUDA is not available")
+        if self.quantization not in ("auto", "none") and self.torch_device.type != "cpu":
+            raise ValueError(f"quantization {self.quantization} runs on the CPU only")
 
     @property
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def resolved_quantization(self) -> str:
+        if self.quantization == "auto":
+            return "int4" if self.torch_device.type == "cpu" else "none"
+        return self.quantization
 
     @property
     def torch_dtype(self) -> torch.dtype:

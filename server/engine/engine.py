@@ -37,7 +37,7 @@ class LLMEngine:
         self.observer = observer
         self.num_layers = model.num_layers
         self.eos_token_ids = list(tokenizer.eos_token_ids or model.config.eos_token_id)
-        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        device, dtype = model.device, model.dtype
         max_len = min(config.max_model_len or model.config.max_position_embeddings,
                       model.config.max_position_embeddings)
         num_blocks = self._num_blocks(max_len, device, dtype)
@@ -56,12 +56,17 @@ class LLMEngine:
         from server.model.loader import load_model
 
         torch.manual_seed(config.seed)
-        loaded = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype)
+        quantization = config.resolved_quantization
+        # a delta merges into float weights: quantize after it
+        loaded = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype,
+                            quantization="none" if config.tune is not None else quantization)
         heads_spec = config.heads
         if config.tune is not None:  # original + delta; heads made for the original are refused from now on
+            from server.model.quantize import quantize_model
             from server.model.tune_delta import apply_tune
 
             tuned_heads = apply_tune(loaded, config.tune)
+            quantize_model(loaded.model, quantization)
             heads_spec = str(tuned_heads) if heads_spec == "auto" else heads_spec
             log.info("serving %s with the depth-tuning delta %s", loaded.name, config.tune)
         heads = load_heads(heads_spec, loaded)
@@ -275,6 +280,5 @@ def load_heads(spec: str | None, loaded) -> ExitHeadSet | None:
             return None
     else:
         path = Path(spec)
-    lm_head = loaded.model.lm_head.weight
-    heads = ExitHeadSet.load(path, config=loaded.config, fingerprint=loaded.fingerprint).to(lm_head.device).eval()
-    return heads.bind(lm_head)
+    heads = ExitHeadSet.load(path, config=loaded.config, fingerprint=loaded.fingerprint).to(loaded.model.device)
+    return heads.eval().bind(loaded.model.head_weight)

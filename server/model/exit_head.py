@@ -99,10 +99,15 @@ class ExitHead(nn.Module):
     def num_listed(self) -> int:
         return len(self.shortlist_ids) if self.has_shortlist else 0
 
-    def bind(self, lm_head_weight: torch.Tensor) -> None:
-        """Copy the listed rows of the LM head [V, d] into a contiguous [K, d] (same dtype and device)."""
-        if self.has_shortlist:
+    def bind(self, lm_head_weight: "torch.Tensor | nn.Module") -> None:
+        """Copy the listed rows of the LM head into a contiguous [K, d]: from its weight [V, d] (same dtype
+        and device), or from a quantized head (server/model/quantize.py) as the rows it multiplies by."""
+        if not self.has_shortlist:
+            return
+        if isinstance(lm_head_weight, torch.Tensor):
             self.shortlist_weight = lm_head_weight.detach()[self.shortlist_ids.to(lm_head_weight.device)].contiguous()
+        else:
+            self.shortlist_weight = lm_head_weight.rows(self.shortlist_ids)
 
     @property
     def bound_weight(self) -> torch.Tensor:
@@ -134,6 +139,9 @@ class ExitHead(nn.Module):
             return hidden
         return hidden + self.adapter(hidden.to(self.norm_weight.dtype)).to(hidden.dtype)
 
-    def logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
-        """hidden [N, d] -> logits [N, V] through the whole shared LM head (offline: fitting, calibration)."""
+    def logits(self, hidden: torch.Tensor, lm_head_weight: "torch.Tensor | nn.Module") -> torch.Tensor:
+        """hidden [N, d] -> logits [N, V] through the whole shared LM head, its weight [V, d] or a quantized
+        head module (offline: fitting, calibration; the reference generation)."""
+        if not isinstance(lm_head_weight, torch.Tensor):
+            return lm_head_weight(self.normed(hidden, hidden.dtype))
         return self.normed(hidden, lm_head_weight.dtype) @ lm_head_weight.T

@@ -43,8 +43,7 @@ def generate(model: LlamaForCausalLM, prompt_ids: list[int], max_tokens: int, *,
     `gate_cuts` a head is evaluated only where its gate probe scores >= the cut (-inf = no gate)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    device = model.lm_head.weight.device
-    dtype = model.lm_head.weight.dtype
+    device, dtype = model.device, model.dtype
     num_layers = model.num_layers
     cache = ContiguousKVCache(model.config, len(prompt_ids) + max_tokens, device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -96,7 +95,7 @@ def _decode_one(model, token, position, cache, heads, exits, thresholds, gate_cu
             if int(probs.argmax()) == len(scores) - 1:
                 continue
         else:
-            logits = head.logits(hidden, model.lm_head.weight)[0]
+            logits = head.logits(hidden, model.head_weight)[0]
             probs = torch.softmax(logits.float(), dim=-1)
         top2 = probs.topk(2).values
         if float(top2[0] - top2[1]) >= thresholds[layer]:

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from tqdm import tqdm
 
 from server.model.fetch import ModelLoadError
+from server.model.quantize import Int4Codes
 from server.model.tokenizer import Tokenizer, byte_level_bpe
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,25 @@ def hf_tensor_name(name: str) -> str | None:
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_TENSORS:
         return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{parts[3]}"
     return None
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """Inverse of hf_tensor_name: model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight."""
+    for gguf_name, name in GLOBAL_TENSORS.items():
+        if name == hf_name:
+            return gguf_name
+    _, _, index, *module, leaf = hf_name.split(".")
+    short = next(key for key, value in LAYER_TENSORS.items() if value == ".".join(module))
+    return f"blk.{index}.{short}.{leaf}"
+
+
+def rope_heads(name: str, hf: dict) -> int | None:
+    """How many heads llama.cpp's Q/K permutation ran over in tensor `name` (GGUF name), None if unpermuted."""
+    if hf["model_type"] != "llama":  # convert_hf_to_gguf permutes Q/K for Llama only
+        return None
+    if ".attn_q." in name:
+        return hf["num_attention_heads"]
+    return hf["num_key_value_heads"] if ".attn_k." in name else None
 
 
 def unpermute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -98,6 +118,36 @@ class GGUFFile:
         except ValueError as err:
             raise ModelLoadError(f"{self.path}: tensor {name} is corrupt ({err})") from None
         return np.require(values, np.float32, ["C", "W"])  # writable: torch.from_numpy shares it
+
+    def tensor(self, name: str, hf: dict) -> torch.Tensor:
+        """Tensor `name` as float32 in Hugging Face's shape and row order (Q/K permutation undone)."""
+        values = self.dequantize(name)
+        heads = rope_heads(name, hf)
+        return torch.from_numpy(values if heads is None else unpermute_rope(values, heads))
+
+    def int4_codes(self, name: str, hf: dict) -> Int4Codes | None:
+        """A Q4_0 / Q4_1 tensor as its own int4 grid, read from the blocks without a float detour, in
+        Hugging Face's row order; None for other types.
+
+        A block is 32 weights along a row: fp16 d (Q4_1: then fp16 m), then 16 bytes whose low nibbles
+        are weights 0-15 and high nibbles weights 16-31. Q4_1: w = d * q + m = (q - 8) * d + (m + 8d);
+        Q4_0: w = d * (q - 8)."""
+        tensor = self.tensors[name]
+        if tensor.tensor_type not in (Q.Q4_0, Q.Q4_1) or len(tensor.shape) != 2:
+            return None
+        cols, rows = (int(n) for n in tensor.shape)
+        has_min = tensor.tensor_type == Q.Q4_1
+        blocks = np.asarray(tensor.data).reshape(rows, cols // 32, 20 if has_min else 18)
+        fp16 = lambda start: blocks[..., start:start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+        d = fp16(0)
+        m = fp16(2) if has_min else np.zeros_like(d)
+        nibbles = blocks[..., -16:]
+        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols).astype(np.int32)
+        heads = rope_heads(name, hf)
+        if heads is not None:  # the permutation moves whole rows: codes and per-block scales alike
+            q, d, m = (unpermute_rope(a, heads) for a in (q, d, m))
+        d, m = torch.from_numpy(np.ascontiguousarray(d)), torch.from_numpy(np.ascontiguousarray(m))
+        return Int4Codes(torch.from_numpy(np.ascontiguousarray(q)), d, m + 8 * d)
 
 
 def read_config(f: GGUFFile) -> dict:
@@ -169,15 +219,9 @@ def read_state_dict(f: GGUFFile, hf: dict) -> dict[str, torch.Tensor]:
     unknown = [name for name in f.tensors if hf_tensor_name(name) is None]
     if unknown:
         raise ModelLoadError(f"{f.path}: unexpected tensor {unknown[0]} ({len(unknown)} unknown in all)")
-    permute = hf["model_type"] == "llama"  # convert_hf_to_gguf permutes Q/K for Llama only
     state_dict = {}
     for name in tqdm(f.tensors, desc=f"dequantising {f.path.name}", unit="tensor", disable=None, leave=False):
-        values = f.dequantize(name)
-        if permute and ".attn_q." in name:
-            values = unpermute_rope(values, hf["num_attention_heads"])
-        elif permute and ".attn_k." in name:
-            values = unpermute_rope(values, hf["num_key_value_heads"])
-        state_dict[hf_tensor_name(name)] = torch.from_numpy(values)
+        state_dict[hf_tensor_name(name)] = f.tensor(name, hf)
     return state_dict
 
 

@@ -102,12 +102,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=config.attention_out_bias)
+        self.kv_proj = None  # k and v stacked in one module, in place of k_proj and v_proj (quantize.py)
 
     def kv(self, x: torch.Tensor, rope):
         """x [N, d] (already normed) -> k, v [N, Hkv, Dh], k rotated."""
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        return apply_rope(k, rope), v
+        if self.kv_proj is not None:
+            k, v = self.kv_proj(x).chunk(2, dim=-1)
+        else:
+            k, v = self.k_proj(x), self.v_proj(x)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        return apply_rope(k, rope), v.reshape(-1, self.num_kv_heads, self.head_dim)
 
     def forward(self, x, rope, layer: int, kv_store: KVStore):
         q = apply_rope(self.q_proj(x).view(-1, self.num_heads, self.head_dim), rope)
@@ -123,9 +127,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
+        self.gate_up_proj = None  # gate and up stacked in one module, in place of the two (quantize.py)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -164,8 +173,23 @@ class LlamaForCausalLM(nn.Module):
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (hidden states, KV); quantized weights have their own."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def head_weight(self) -> "torch.Tensor | nn.Module":
+        """The LM head as exit heads read it: its weight [V, d], or a quantized head itself (quantize.py:
+        called on [N, d] in self.dtype, `rows(ids)` gives the rows a shortlist head copies)."""
+        return self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else self.lm_head
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        return self.model.embed_tokens(input_ids).to(self.dtype)
 
     def run_layers(self, hidden, positions, start: int, end: int, kv_store: KVStore) -> torch.Tensor:
         """Take "layer start" hidden [N, d] to "layer end" hidden by running layers[start:end]."""

@@ -10,11 +10,13 @@ from server.model.loader import load_model
 from tests.tiny_model import write_tiny_heads, write_tiny_model
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """LoadedModel of the tiny random Llama (6 layers, exits at 2 and 4)."""
+@pytest.fixture(scope="session", params=["none", "int4"])
+def tiny(request, tmp_path_factory):
+    """LoadedModel of the tiny random Llama (6 layers, exits at 2 and 4): float weights, then int4 ones
+    (server/model/quantize.py, the CPU default), so that every engine test runs on both."""
     torch.set_num_threads(1)
-    return load_model(str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")))
+    folder = write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    return load_model(str(folder), quantization=request.param)
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,19 @@ early exit of other rows, n > 1 or preemption; logits are never made for more th
 Tolerance: both sides are fp32 on the CPU and differ only in how attention is evaluated (paged
 store vs one dense causal matmul) and in batch shapes, so about 1e-6 apart; 1e-4 is far below
 any difference that would mean a wrong row or a wrong target (those are >= 0.01 on this model).
+With int4 weights (the `tiny` fixture's second run) every projection's input is rounded to bf16 for the
+kernel, so a 1e-6 difference can move one activation by a bf16 step (2^-8 relative): about 4e-4 in the
+logprobs was seen, and 2e-3 still sits 5x below a wrong row's 0.01.
 """
 import pytest
 import torch
 
 from server.engine import prompt_logprobs
 from server.engine.sampling_params import SamplingParams, SamplingParamsError
+from server.model.quantize import is_quantized
 from tests.engine.helpers import random_prompts
 
-ATOL = 1e-4
+ATOL, ATOL_QUANTIZED = 1e-4, 2e-3
 
 
 def teacher_forced(model, prompt: list[int]) -> torch.Tensor:
@@ -24,13 +28,14 @@ def teacher_forced(model, prompt: list[int]) -> torch.Tensor:
 def assert_matches_model(model, prompt, recorded, num_top):
     assert len(recorded) == len(prompt) and recorded[0] is None
     expected = teacher_forced(model, prompt)
+    atol = ATOL_QUANTIZED if is_quantized(model) else ATOL
     for p, entry in enumerate(recorded[1:]):
         assert entry.token_id == prompt[p + 1]
-        assert entry.logprob == pytest.approx(float(expected[p, prompt[p + 1]]), abs=ATOL), p
+        assert entry.logprob == pytest.approx(float(expected[p, prompt[p + 1]]), abs=atol), p
         assert entry.rank == int((expected[p] > expected[p, prompt[p + 1]]).sum()) + 1, p
         values, tokens = expected[p].topk(num_top)
         assert list(entry.top) == tokens.tolist(), p  # best first
-        assert list(entry.top.values()) == pytest.approx(values.tolist(), abs=ATOL)
+        assert list(entry.top.values()) == pytest.approx(values.tolist(), abs=atol)
 
 
 def test_chunked_prefill_gives_the_full_models_logprobs(make_engine, tiny):
