@@ -132,10 +132,21 @@ def exit_token_counts(url: str) -> dict[int, float]:
     return counts
 
 
-def share_exited_early(before: dict[int, float], after: dict[int, float], num_layers: int) -> float | None:
+def lm_head_skipped_tokens(url: str) -> float:
+    """Generated tokens so far that the head after the last layer let go (offramp_lm_head_skipped_tokens)."""
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("offramp_lm_head_skipped_tokens_total"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def share_exited_early(before: dict[int, float], after: dict[int, float], num_layers: int,
+                       skipped: float = 0.0) -> float | None:
+    """Share of the generated tokens between two readings that left early: before the last layer, or
+    at the head after it (`skipped` of them, counted at layer L by offramp_exit_tokens)."""
     tokens = {layer: after[layer] - before.get(layer, 0.0) for layer in after}
     total = sum(tokens.values())
-    return sum(n for layer, n in tokens.items() if layer < num_layers) / total if total else None
+    return (sum(n for layer, n in tokens.items() if layer < num_layers) + skipped) / total if total else None
 
 
 def free_port() -> int:
@@ -193,12 +204,14 @@ def benchmark(args, url: str) -> dict:
         run_out = out / f"eps-{eps:g}"
         cmd = lm_eval_command(url, tokenizer_dir, name, [GENERATE_TASK], run_out,
                               f"early_exit=True,exit_epsilon={eps:g}", args.limit)
-        before = exit_token_counts(url)
+        before, skipped_before = exit_token_counts(url), lm_head_skipped_tokens(url)
         eps_results, eps_samples, eps_seconds = run_lm_eval(cmd, run_out, [GENERATE_TASK], args.threads)
+        skipped = lm_head_skipped_tokens(url) - skipped_before
         report["early_exit"][f"{eps:g}"] = {
             "exact_match": eps_results[GENERATE_TASK]["exact_match,none"], "seconds": eps_seconds,
             "agreement_with_full_depth": agreement(samples[GENERATE_TASK], eps_samples[GENERATE_TASK]),
-            "tokens_exited_early": share_exited_early(before, exit_token_counts(url), loaded.config.num_hidden_layers)}
+            "tokens_exited_early": share_exited_early(before, exit_token_counts(url), loaded.config.num_hidden_layers,
+                                                      skipped)}
     return report
 
 

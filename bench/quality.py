@@ -52,11 +52,15 @@ def score(label: str, epsilon: float | None, results, argmax: list[list[int]], n
           reference: list[list[int]] | None) -> dict:
     """The figures of one generation run; `results` are the engine's RequestOutputs in prompt order."""
     tokens = [r.outputs[0].token_ids for r in results]
-    layers = [r.outputs[0].exit_layers for r in results]
+    # a token the head after the last layer let go counts as exited (at layer L, without the LM head)
+    layers = [[-1 if skip and k == num_layers else k for k, skip in zip(r.outputs[0].exit_layers, r.outputs[0].lm_head_skipped
+                                                        or [False] * len(r.outputs[0].exit_layers))]
+              for r in results]
     agree = [[t == a for t, a in zip(ts, am)] for ts, am in zip(tokens, argmax)]
     flat = [(ok, k) for oks, ks in zip(agree, layers) for ok, k in zip(oks, ks)]
     exited = [ok for ok, k in flat if k < num_layers]
     deep = [ok for ok, k in flat if k == num_layers]
+    flat = [(ok, num_layers if k == -1 else k) for ok, k in flat]
     counts = Counter(k for _, k in flat)
     full = sum(r.decode_flops_full_depth for r in results)
     report = {

@@ -44,6 +44,7 @@ class Sample:
     start: int  # first counted position: len(prompt) for a reply (its first reply token's row), 0 for text
     source: str = "reply"  # reply | text
     exit_layers: list[int] | None = None  # per reply token, the depth that produced it (on-policy runs)
+    lm_head_skipped: list[bool] | None = None  # per reply token: never ran the full LM head (on-policy runs)
     decode_flops: tuple[float, float] | None = None  # engine's accounting: (spent, at full depth) for the reply
     category: str = ""  # the prompt's category (replies), or "text"
 
@@ -122,6 +123,8 @@ def generate_replies(loaded, prompts: list["Prompt | str"], *, max_tokens: int, 
     tokenizer = loaded.tokenizer
     settings = {"model": loaded.fingerprint, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
                 "heads": None if heads is None else _heads_key(heads, epsilon), "epsilon": epsilon}
+    if heads is not None:  # on-policy records carry lm_head_skipped since record format 2
+        settings["record"] = 2
     jobs = [(p, i) for p in prompts for i in range(samples_per_prompt)]
     keys = [hashlib.sha256(json.dumps([settings, prompt_key(p), i]).encode()).hexdigest() for p, i in jobs]
     done = _read_cache(cache)
@@ -152,6 +155,7 @@ def generate_replies(loaded, prompts: list["Prompt | str"], *, max_tokens: int, 
                 j, completion = int(out.request_id), out.outputs[0]
                 done[keys[j]] = {"prompt_ids": prompt_ids[j], "reply_ids": list(completion.token_ids),
                                  "exit_layers": list(completion.exit_layers),
+                                 "lm_head_skipped": list(completion.lm_head_skipped),
                                  "decode_flops": [out.decode_flops, out.decode_flops_full_depth]}
                 entries.append({"key": keys[j], **done[keys[j]]})
             if entries and cache is not None:
@@ -163,9 +167,11 @@ def generate_replies(loaded, prompts: list["Prompt | str"], *, max_tokens: int, 
     samples = []
     for (prompt, _), key in zip(jobs, keys):
         entry = done[key]
+        on_policy = heads is not None
         samples.append(Sample(entry["prompt_ids"] + entry["reply_ids"], len(entry["prompt_ids"]), "reply",
-                              entry["exit_layers"] if heads is not None else None,
-                              tuple(entry["decode_flops"]) if heads is not None else None,
+                              exit_layers=entry["exit_layers"] if on_policy else None,
+                              lm_head_skipped=entry["lm_head_skipped"] if on_policy else None,
+                              decode_flops=tuple(entry["decode_flops"]) if on_policy else None,
                               category=prompt.category if isinstance(prompt, Prompt) else ""))
     return samples
 

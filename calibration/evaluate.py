@@ -44,20 +44,22 @@ def on_policy(loaded, heads, prompts: list[str], epsilon: float, *, max_tokens: 
                                epsilon=epsilon)
     labels = full_top1(reference or loaded.model, samples)
     num_layers = loaded.config.num_hidden_layers
-    exit_layer, agree, category = [], [], []
+    exit_layer, skipped, agree, category = [], [], [], []
     for sample, top1 in zip(samples, labels):
         reply = sample.reply_ids
         # decode row at counted position p produced reply token p - start + 1
         exit_layer += sample.exit_layers[1:len(reply)]
+        skipped += sample.lm_head_skipped[1:len(reply)]
         agree += [int(t) == int(f) for t, f in zip(reply[1:], top1)]
         category += [sample.category] * (len(reply) - 1)
     exit_layer, agree = np.asarray(exit_layer, dtype=int), np.asarray(agree, dtype=bool)
-    exited = exit_layer < num_layers
+    skipped = np.asarray(skipped, dtype=bool)  # never ran the full LM head (left at any exit head, L's included)
+    exited = (exit_layer < num_layers) | skipped
     spent = sum(s.decode_flops[0] for s in samples)
     full = sum(s.decode_flops[1] for s in samples)
     per_head = {}
     for layer in heads.layers:
-        at = exit_layer == layer
+        at = exit_layer == layer if layer < num_layers else skipped & (exit_layer == num_layers)
         per_head[str(layer)] = {"exit_share": float(at.mean()) if len(at) else 0.0, "n_exited": int(at.sum()),
                                 "agreement": float(agree[at].mean()) if at.any() else None}
     return {"num_tokens": int(len(exit_layer)), "exit_share": float(exited.mean()) if len(exited) else 0.0,

@@ -177,6 +177,7 @@ class LLMEngine:
             seq.exit_layers.append(exit_layer)
             seq.num_exited_early += exit_layer < self.num_layers
             seq.num_lm_head_skipped += skipped
+            seq.lm_head_skipped.append(bool(skipped))
             seq.decode_flops += flops
             seq.decode_flops_full_depth += full
             if seq.logprobs is not None:

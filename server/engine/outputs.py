@@ -16,6 +16,9 @@ class CompletionOutput:
     text: str  # detokenised generated text so far, stop string excluded
     token_ids: list[int]
     exit_layers: list[int]  # per generated token: the layer it left at (num_hidden_layers = full depth)
+    # per generated token: True where it never ran the full LM head (it left at an exit head; at the head
+    # after the last layer its exit layer is num_hidden_layers, as at full depth, and only this tells them apart)
+    lm_head_skipped: list[bool] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or token id that ended it

@@ -36,6 +36,7 @@ class Sequence:
         self.thresholds = thresholds  # per head of the set, in layer order; inf = never exit there
         self.gate_cuts = gate_cuts or [-math.inf] * len(thresholds)  # per head: ask it only if gate >= cut
         self.exit_layers: list[int] = []  # per generated token
+        self.lm_head_skipped: list[bool] = []  # per generated token: never ran the full LM head
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -102,7 +103,7 @@ class Sequence:
     def output(self) -> CompletionOutput:
         return CompletionOutput(
             index=self.index, text=self.text[:self.visible_len], token_ids=self.output_token_ids,
-            exit_layers=list(self.exit_layers), logprobs=None if self.logprobs is None else list(self.logprobs),
+            exit_layers=list(self.exit_layers), lm_head_skipped=list(self.lm_head_skipped), logprobs=None if self.logprobs is None else list(self.logprobs),
             finish_reason=self.finish_reason, stop_reason=self.stop_reason)
 
 

@@ -99,3 +99,21 @@ def test_step_flops_are_the_cost_models_count(tiny, shortlist_heads):
         skipped_steps += not ran_lm_head
         checked += 1
     assert checked == 39 and 0 < skipped_steps < checked
+
+
+def test_each_token_says_whether_it_skipped_the_lm_head(tiny, shortlist_heads):
+    """CompletionOutput.lm_head_skipped is per token and adds up to the request's count; a token that
+    left before the last layer skipped the LM head too, and one produced at full depth did not."""
+    prompts = random_prompts([7, 30, 12, 4], seed=5)
+    params = SamplingParams(max_tokens=12, temperature=0, exit_epsilon=0.9, ignore_eos=True)
+    final = run_staggered(engine_with(tiny, shortlist_heads), prompts, params, arrivals=[0, 0, 1, 2])
+    for out in final.values():
+        completion = out.outputs[0]
+        assert len(completion.lm_head_skipped) == len(completion.exit_layers) == len(completion.token_ids)
+        assert sum(completion.lm_head_skipped) == out.num_tokens_lm_head_skipped
+        assert completion.lm_head_skipped[0] is False  # the first token comes from the prefill
+        for layer, skipped in zip(completion.exit_layers, completion.lm_head_skipped):
+            assert skipped or layer == LAST  # an exit before the last layer never runs the LM head
+    skipped_at_last = [s for out in final.values() for k, s in zip(out.outputs[0].exit_layers, out.outputs[0].lm_head_skipped)
+                       if k == LAST]
+    assert any(skipped_at_last) and not all(skipped_at_last)  # the last-layer head let some go, not all
