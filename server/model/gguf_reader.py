@@ -147,7 +147,7 @@ class GGUFFile:
         if heads is not None:  # the permutation moves whole rows: codes and per-block scales alike
             q, d, m = (unpermute_rope(a, heads) for a in (q, d, m))
         d, m = torch.from_numpy(np.ascontiguousarray(d)), torch.from_numpy(np.ascontiguousarray(m))
-        return Int4Codes(torch.from_numpy(np.ascontiguousarray(q)), d, m + 8 * d)
+        return Int4Codes(torch.from_numpy(np.ascontiguousarray(q)), d, m + 8 * d if has_min else torch.zeros_like(d))
 
 
 def read_config(f: GGUFFile) -> dict:
