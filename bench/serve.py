@@ -81,7 +81,8 @@ class RequestResult:
     output_tokens: int = 0  # usage.completion_tokens
     streamed_tokens: int = 0  # token ids that arrived in the stream
     exit_layers: list[int] = field(default_factory=list)  # one per streamed token
-    tokens_exited_early: int = 0
+    tokens_exited_early: int = 0  # left before the last layer
+    tokens_skipped_lm_head: int = 0  # never ran the full LM head (any exit, the one after the last layer included)
     compute_saved: float = 0.0
 
     @property
@@ -147,6 +148,7 @@ async def send(client: httpx.AsyncClient, path: str, body: dict, result: Request
     result.output_tokens = usage["completion_tokens"]
     exit_usage = usage.get("exit") or {}
     result.tokens_exited_early = exit_usage.get("tokens_exited_early", 0)
+    result.tokens_skipped_lm_head = exit_usage.get("tokens_skipped_lm_head", 0)
     result.compute_saved = exit_usage.get("compute_saved", 0.0)
     result.success = True
 
@@ -281,6 +283,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
     summary |= {
         "exit_layer_shares": {str(k): n / num_layered for k, n in sorted(layers.items())},
         "exited_early_share": sum(r.tokens_exited_early for r in ok) / output_tokens if output_tokens else 0.0,
+        "skipped_lm_head_share": sum(r.tokens_skipped_lm_head for r in ok) / output_tokens if output_tokens else 0.0,
         "mean_exit_layer": sum(k * n for k, n in layers.items()) / num_layered if num_layered else None,
         "compute_saved": (sum(r.compute_saved * n for r, n in zip(ok, decode_tokens)) / sum(decode_tokens)
                           if sum(decode_tokens) else 0.0),
@@ -313,6 +316,7 @@ def table_rows() -> list[tuple[str, str, str]]:
         rows += [(f"{stat.capitalize()} {label} (ms)", f"{stat}_{name}_ms", ".2f")
                  for stat in ("mean", "median", "p99")]
     return rows + [("Tokens exited early (share)", "exited_early_share", ".3f"),
+                   ("Tokens that skipped the LM head (share)", "skipped_lm_head_share", ".3f"),
                    ("Mean exit layer", "mean_exit_layer", ".2f"), ("Compute saved", "compute_saved", ".3f")]
 
 
